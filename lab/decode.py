@@ -36,7 +36,7 @@ class Clock:
 def forward(
     model: PreTrainedModel, input_ids: torch.Tensor, cache: DynamicCache, keep: int
 ) -> torch.Tensor:
-    """Run (1, n) new tokens through the model, extending cache; (keep, V) logits of the last keep."""
+    """Run (1, n) new tokens through the model, extending cache; (keep, V) logits of the last."""
     out = model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=keep)
     return out.logits[0]
 
@@ -95,7 +95,7 @@ class Session:
         return PromptResult(
             prompt_ids=self.prompt_ids,
             token_ids=self.new_ids,
-            text=self.lm.tokenizer.decode(self.new_ids, skip_special_tokens=True),
+            text=str(self.lm.tokenizer.decode(self.new_ids, skip_special_tokens=True)),
             prefill_ms=prefill_ms,
             total_ms=total_ms,
             peak_rss_mb=max(self.peak_rss, rss_mb()),
@@ -123,7 +123,9 @@ def start_session(
     if clock.cuda:
         torch.cuda.reset_peak_memory_stats()
     start = clock.now()
-    session = Session(lm, prompt_ids, max_new_tokens, Sampler(params, seed, lm.device), clock, start)
+    session = Session(
+        lm, prompt_ids, max_new_tokens, Sampler(params, seed, lm.device), clock, start
+    )
     cache = DynamicCache(config=lm.model.config)
     ids = torch.tensor([prompt_ids], device=lm.device)  # (1, T)
     logits = forward(lm.model, ids, cache, keep=1)  # (1, V)

@@ -26,7 +26,9 @@ class Drafter(Protocol):
 
     def start(self, prompt_ids: list[int]) -> None: ...
 
-    def propose(self, sequence: list[int], k: int, sampler: Sampler, want_probs: bool) -> Proposal: ...
+    def propose(
+        self, sequence: list[int], k: int, sampler: Sampler, want_probs: bool
+    ) -> Proposal: ...
 
     def rollback(self, length: int) -> None: ...
 
@@ -39,13 +41,15 @@ class DraftModel:
         self.cache = DynamicCache(config=lm.model.config)
 
     def start(self, prompt_ids: list[int]) -> None:
-        """Prefill the draft cache on the prompt (the first new token is fed at the first propose)."""
+        """Prefill the draft cache on the prompt (the first new token goes in at propose)."""
         self.cache = DynamicCache(config=self.lm.model.config)
         forward(self.lm.model, self._ids(prompt_ids), self.cache, keep=1)
 
     def propose(self, sequence: list[int], k: int, sampler: Sampler, want_probs: bool) -> Proposal:
         """Feed what the cache has not seen yet, then draft k tokens one forward each."""
-        pending = sequence[self.cache.get_seq_length() :]  # >= 1 token: the last one is never cached
+        pending = sequence[
+            self.cache.get_seq_length() :
+        ]  # >= 1 token: the last one is never cached
         tokens: list[torch.Tensor] = []
         probs: list[torch.Tensor] = []
         for _ in range(k):

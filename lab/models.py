@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,7 +76,7 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 class TinySpec:
     """Shape and seed of a tiny random model."""
 
-    config_cls: type[PretrainedConfig]
+    config_cls: type[LlamaConfig] | type[Qwen2Config]
     layers: int
     hidden: int
     seed: int
@@ -111,12 +110,12 @@ def _tiny_config(spec: TinySpec, tokenizer: PreTrainedTokenizerBase) -> Pretrain
     )
 
 
-def _build_tiny(spec: TinySpec) -> PreTrainedModel:
-    tokenizer = byte_tokenizer()
+def _build_tiny(spec: TinySpec, dtype: torch.dtype) -> PreTrainedModel:
     with torch.random.fork_rng():
         torch.manual_seed(spec.seed)
-        model = AutoModelForCausalLM.from_config(_tiny_config(spec, tokenizer), dtype=torch.float32)
-    return model
+        # Initialise in fp32 so every dtype starts from the same weights.
+        model = AutoModelForCausalLM.from_config(_tiny_config(spec, byte_tokenizer()))
+    return model.to(dtype)
 
 
 # --- names, devices, dtypes -----------------------------------------------------------------------
@@ -206,7 +205,7 @@ def check_pair(target: str, draft: str, trust_remote_code: bool = False) -> None
 
 
 def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
-    """All end-of-sequence ids: generation_config may list several (Qwen: <|im_end|>, <|endoftext|>)."""
+    """All end-of-sequence ids: generation_config may list several (Qwen: im_end, endoftext)."""
     found: list[int] = []
     for source in (getattr(model, "generation_config", None), model.config):
         eos = getattr(source, "eos_token_id", None)
@@ -228,12 +227,12 @@ def load(
     torch_dtype = resolve_dtype(torch_device, dtype)
     tokenizer = load_tokenizer(name, trust_remote_code)
     if name in TINY:
-        model = _build_tiny(TINY[name]).to(torch_dtype)
+        model = _build_tiny(TINY[name], torch_dtype)
     else:
         path, kwargs = _source(name, trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
-    model = model.to(torch_device).eval().requires_grad_(False)
-    return LoadedModel(name, model, tokenizer, torch_device, torch_dtype, _eos_ids(model, tokenizer))
-
-
-ModelLoader = Callable[[str], LoadedModel]
+    model.to(torch_device)  # type: ignore[arg-type]  # transformers' typing of .to is too narrow
+    model.eval().requires_grad_(False)
+    return LoadedModel(
+        name, model, tokenizer, torch_device, torch_dtype, _eos_ids(model, tokenizer)
+    )

@@ -256,18 +256,40 @@ def _fix_tokenizer(model: PackagedModel, tok: Any, gguf: Path) -> None:
 
 
 def _fix_generation(model: PackagedModel, lm: Any, tok: Any) -> None:
-    """Make the model saveable and give it the upstream EOS ids."""
+    """Make the model saveable and give it a generation config with the upstream EOS ids."""
+    from transformers import GenerationConfig
+
     # save_pretrained refuses a model that still looks GGUF-quantized; the weights are fp32.
     lm.hf_quantizer = None
     if hasattr(lm.config, "quantization_config"):
         del lm.config.quantization_config
     ids = [tok.convert_tokens_to_ids(t) for t in model.eos_tokens]
-    if tok.unk_token_id is not None and tok.unk_token_id in ids:
+    if None in ids or (tok.unk_token_id is not None and tok.unk_token_id in ids):
         raise ModelPackageError(f"model {model.name!r}: EOS tokens {model.eos_tokens} unknown")
     lm.config.eos_token_id = ids[0]
-    lm.generation_config.eos_token_id = ids if len(ids) > 1 else ids[0]
-    if lm.generation_config.pad_token_id is None and tok.pad_token_id is not None:
-        lm.generation_config.pad_token_id = tok.pad_token_id
+    # A fresh config: one derived from the model config would be rebuilt from it at load time
+    # and lose the EOS list; sampling defaults stay off so greedy decoding is the default.
+    lm.generation_config = GenerationConfig(
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=ids if len(ids) > 1 else ids[0],
+        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else ids[0],
+    )
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence transformers' warnings and its save progress bar for the duration."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def convert(model: PackagedModel, gguf: Path, out: Path) -> None:
@@ -275,23 +297,17 @@ def convert(model: PackagedModel, gguf: Path, out: Path) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub lookup could only fail or stall here
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
+    # The GGUF dequantization keeps its own tqdm bar: it is the slow step worth watching.
+    with _quiet_transformers():
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         lm = AutoModelForCausalLM.from_pretrained(
             gguf.parent, gguf_file=gguf.name, dtype=torch.float32
         )
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        hf_logging.enable_progress_bar()
-    _fix_tokenizer(model, tok, gguf)
-    _fix_generation(model, lm, tok)
-    lm.save_pretrained(out)
-    tok.save_pretrained(out)
+        _fix_tokenizer(model, tok, gguf)
+        _fix_generation(model, lm, tok)
+        lm.save_pretrained(out)
+        tok.save_pretrained(out)
 
 
 def write_marker(model: PackagedModel, out: Path, seconds: float) -> None:

@@ -52,10 +52,12 @@ def rejection_sampling(
     emit a draw from the residual max(0, target_probs - draft_probs), renormalised; if all K are
     kept, emit a bonus draw from the target at position K+1.
     """
-    if draft_probs is None:
-        raise ValueError("rejection_sampling needs the drafter's probabilities (draft_probs)")
     k = draft_tokens.shape[0]
     target_probs = sampler.probs(target_logits)  # (K+1, V)
+    if k == 0:
+        return Verdict(0, int(sampler.sample(target_probs[0])))
+    if draft_probs is None:
+        raise ValueError("rejection_sampling needs the drafter's probabilities (draft_probs)")
     rows = torch.arange(k, device=draft_tokens.device)
     target_p = target_probs[rows, draft_tokens]  # (K,)
     draft_p = draft_probs[rows, draft_tokens]  # (K,), > 0 since the drafter drew these tokens

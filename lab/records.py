@@ -126,7 +126,7 @@ def cost_ratio(steps: list[StepRecord], baseline_steps: list[StepRecord]) -> flo
 
 
 def predicted_speedup(alpha: float, k: float, c: float) -> float:
-    """Leviathan et al. (2023): expected speed-up from acceptance rate, draft length and cost ratio."""
+    """Leviathan et al. (2023): expected speed-up from acceptance rate, K and cost ratio c."""
     if alpha >= 1.0:
         return (k + 1) / (c * k + 1)
     return (1 - alpha ** (k + 1)) / ((1 - alpha) * (c * k + 1))

@@ -47,7 +47,9 @@ class Sampler:
             return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
         logits = logits / self.params.temperature
         if self.params.top_k:
-            kth = torch.topk(logits, min(self.params.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+            kth = torch.topk(logits, min(self.params.top_k, logits.shape[-1]), dim=-1).values[
+                ..., -1:
+            ]
             logits = logits.masked_fill(logits < kth, float("-inf"))
         if self.params.top_p < 1.0:
             sorted_logits, order = torch.sort(logits, dim=-1, descending=True)

@@ -38,7 +38,7 @@ def generate(
         step_start = session.clock.now()
         sequence = prompt_ids + session.new_ids
         # The target cache holds every token but the last emitted one: len(sequence) - 1.
-        # 1. K for this step; never draft past max_new_tokens (the last token comes from the target).
+        # 1. K for this step; never draft past max_new_tokens (the last token is the target's).
         k_chosen = controller.next_k()
         k = min(k_chosen, session.remaining - 1)
         # 2. Draft K tokens: (K,) ids on the target's device.
@@ -49,7 +49,9 @@ def generate(
         last = torch.tensor(sequence[-1:], device=target.device)  # (1,)
         target_logits = forward(target.model, torch.cat([last, draft_tokens])[None], cache, k + 1)
         # 4. The policy decides how many drafts to keep and which token follows them.
-        verdict = policy.fn(draft_tokens, proposal.probs if proposal else None, target_logits, sampler)
+        verdict = policy.fn(
+            draft_tokens, proposal.probs if proposal else None, target_logits, sampler
+        )
         verify_end = session.clock.now()
         # 5. Emit accepted drafts plus the correction/bonus token, cut at EOS and max_new_tokens.
         emitted = session.emit(draft_tokens[: verdict.accepted].tolist() + [verdict.next_token])
