@@ -1,0 +1,54 @@
+"""Model sources, devices and dtypes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lab import models
+
+
+def test_tiny_models_are_seeded_and_real_architectures():
+    a = models.load("tiny-random-llama", device="cpu")
+    b = models.load("tiny-random-llama", device="cpu")
+    assert type(a.model).__name__ == "LlamaForCausalLM"
+    assert type(models.load("tiny-random-qwen2").model).__name__ == "Qwen2ForCausalLM"
+    for pa, pb in zip(a.model.parameters(), b.model.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+    assert a.eos_token_ids == (a.tokenizer.convert_tokens_to_ids("<|im_end|>"),)
+
+
+def test_byte_tokenizer_round_trips_and_has_chat_template():
+    tokenizer = models.byte_tokenizer()
+    text = "déf f(x):\n    return x  # ünïcode"
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert chat.endswith("<|im_start|>assistant\n")
+
+
+def test_device_and_dtype_defaults():
+    assert models.resolve_dtype(torch.device("cpu")) == torch.float32
+    assert models.resolve_dtype(torch.device("cuda")) == torch.bfloat16
+    assert models.resolve_dtype(torch.device("mps")) == torch.float16
+    assert models.resolve_dtype(torch.device("cpu"), "bfloat16") == torch.bfloat16
+    with pytest.raises(models.ModelError, match="unknown dtype 'fp8'"):
+        models.resolve_dtype(torch.device("cpu"), "fp8")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.backends.mps.is_available():
+        assert models.resolve_device().type == expected
+    assert models.load("tiny-random-llama", dtype="bfloat16").model.dtype == torch.bfloat16
+
+
+def test_names_paths_and_hub_ids(tmp_path):
+    models.check_name("tiny-random-llama")
+    models.check_name("qwen2.5-coder-0.5b-instruct")
+    models.check_name(str(tmp_path))
+    models.check_name("HuggingFaceTB/SmolLM2-135M")
+    with pytest.raises(models.ModelError, match="unknown model 'nope'"):
+        models.check_name("nope")
+
+
+def test_same_vocabulary_pair_is_accepted():
+    models.check_pair("tiny-random-qwen2", "tiny-random-llama-draft")
