@@ -1,0 +1,138 @@
+"""params.yaml: read once, validated with errors naming the key, the value and what is allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lab import models
+from lab.controllers import CONTROLLERS, make_controller
+from lab.policies import POLICIES
+from lab.prompts import Prompt, PromptError, load_suite
+from lab.sampling import SamplingParams
+
+
+class ParamsError(ValueError):
+    """A params.yaml value that cannot work."""
+
+
+def _get(params: dict[str, Any], key: str) -> Any:
+    """params['a']['b'] for key 'a.b'; a missing key is an error naming it."""
+    node: Any = params
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise ParamsError(f"params.yaml: missing key {key!r}")
+        node = node[part]
+    return node
+
+
+def _positive_int(params: dict[str, Any], key: str) -> int:
+    value = _get(params, key)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ParamsError(f"params.yaml: {key} must be a positive integer, got {value!r}")
+    return value
+
+
+def _names(params: dict[str, Any], key: str, allowed: dict[str, Any] | list[str]) -> list[str]:
+    value = _get(params, key)
+    values = value if isinstance(value, list) else [value]
+    for name in values:
+        if name not in allowed:
+            raise ParamsError(
+                f"params.yaml: {key} has unknown value {name!r}; allowed: {', '.join(allowed)}"
+            )
+    return values
+
+
+def load(path: str | Path = "params.yaml") -> dict[str, Any]:
+    """The parsed params.yaml; malformed YAML or a non-mapping is a ParamsError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"params file not found: {path}")
+    try:
+        params = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path} is not valid YAML: {err}") from err
+    if not isinstance(params, dict):
+        raise ParamsError(f"{path} must be a mapping of keys to values")
+    return params
+
+
+def model_name(params: dict[str, Any], role: str) -> str:
+    """models.<role>, checked to be a known model name, local folder or hub id."""
+    name = _get(params, f"models.{role}")
+    try:
+        models.check_name(str(name))
+    except models.ModelError as err:
+        raise ParamsError(f"params.yaml: models.{role}: {err}") from err
+    return str(name)
+
+
+def sampling(params: dict[str, Any]) -> SamplingParams:
+    """generation.temperature/top_k/top_p as SamplingParams."""
+    gen = _get(params, "generation")
+    try:
+        return SamplingParams(
+            gen.get("temperature", 0.0), gen.get("top_k", 0), gen.get("top_p", 1.0)
+        )
+    except ValueError as err:
+        raise ParamsError(f"params.yaml: generation: {err}") from err
+
+
+def prompts(params: dict[str, Any]) -> list[Prompt]:
+    """The prompt suite named in params (per_category 'full' takes all)."""
+    per = _get(params, "prompts.per_category")
+    if per != "full":
+        per = _positive_int(params, "prompts.per_category")
+    try:
+        return load_suite(
+            _get(params, "prompts.source"),
+            _get(params, "prompts.categories"),
+            None if per == "full" else per,
+        )
+    except PromptError as err:
+        raise ParamsError(f"params.yaml: prompts: {err}") from err
+
+
+def k_values(params: dict[str, Any]) -> list[int]:
+    """ksweep.ks, each a positive integer."""
+    ks = _get(params, "ksweep.ks")
+    if not isinstance(ks, list) or not ks:
+        raise ParamsError(f"params.yaml: ksweep.ks must be a non-empty list, got {ks!r}")
+    for i, k in enumerate(ks):
+        if not isinstance(k, int) or isinstance(k, bool) or k <= 0:
+            raise ParamsError(f"params.yaml: ksweep.ks[{i}] must be a positive integer, got {k!r}")
+    return list(ks)
+
+
+def policy_names(params: dict[str, Any]) -> list[str]:
+    return _names(params, "policies.names", POLICIES)
+
+
+def controller_settings(params: dict[str, Any], name: str) -> dict[str, Any]:
+    """adaptive.params.<name> (may be absent), checked by building the controller once."""
+    _names({"adaptive": {"controllers": [name]}}, "adaptive.controllers", CONTROLLERS)
+    settings = _get(params, "adaptive.params").get(name) or {}
+    try:
+        make_controller(name, _positive_int(params, "k"), **settings)
+    except ValueError as err:
+        raise ParamsError(f"params.yaml: adaptive.params.{name}: {err}") from err
+    return dict(settings)
+
+
+def validate(params: dict[str, Any]) -> None:
+    """Check every key the pipeline reads, so the first stage fails before any model loads."""
+    for role in ("target", "draft", "scorer"):
+        model_name(params, role)
+    _positive_int(params, "k")
+    _positive_int(params, "generation.max_new_tokens")
+    _positive_int(params, "run.repetitions")
+    _get(params, "seed")
+    sampling(params)
+    prompts(params)
+    k_values(params)
+    policy_names(params)
+    for name in _names(params, "adaptive.controllers", CONTROLLERS):
+        controller_settings(params, name)

@@ -1,0 +1,121 @@
+"""What every generation stage does: read params, run or reuse one method, write, log to MLflow."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from lab import experiment, models, tracking
+from lab import params as P
+from lab.experiment import Method
+from lab.policies import get_policy
+from lab.summary import summarize
+
+EXPERIMENTS = Path("experiments")
+BASELINE = EXPERIMENTS / "baseline" / "target"
+
+
+def run_config(params: dict[str, Any], method: Method) -> dict[str, Any]:
+    """Everything that decides what a generation run produces; equal configs are reused."""
+    return {
+        "method": asdict(method),
+        "target": P.model_name(params, "target"),
+        "draft": None if method.baseline else P.model_name(params, "draft"),
+        "device": params["models"].get("device"),
+        "dtype": params["models"].get("dtype"),
+        "prompts": params["prompts"],
+        "generation": params["generation"],
+        "seed": params["seed"],
+        "repetitions": params["run"]["repetitions"],
+        "warmup": params["run"]["warmup"],
+    }
+
+
+def load_params() -> dict[str, Any]:
+    """params.yaml, fully validated: bad values fail here, before any model loads."""
+    params = P.load()
+    P.validate(params)
+    return params
+
+
+def _generate(params: dict[str, Any], method: Method, desc: str) -> list[dict[str, Any]]:
+    """Load the models a method needs and run it over the prompt suite."""
+    load = {"device": params["models"].get("device"), "dtype": params["models"].get("dtype")}
+    target = models.load(P.model_name(params, "target"), **load)
+    draft = None
+    if method.drafter == "draft_model":
+        models.check_pair(target.name, P.model_name(params, "draft"))
+        draft = models.load(P.model_name(params, "draft"), **load)
+    return experiment.run(
+        method, target, draft, P.prompts(params), params["generation"]["max_new_tokens"],
+        P.sampling(params), params["seed"], params["run"]["repetitions"], params["run"]["warmup"],
+        desc=desc,
+    )  # fmt: skip
+
+
+def _lossless(
+    params: dict[str, Any], method: Method, rows: pd.DataFrame, base: experiment.Item | None
+) -> pd.DataFrame | None:
+    """Per-prompt identity with the baseline, for lossless methods under greedy decoding."""
+    if base is None or not get_policy(method.policy).lossless or not P.sampling(params).greedy:
+        return None
+    load = {"device": params["models"].get("device"), "dtype": params["models"].get("dtype")}
+    target = models.load(P.model_name(params, "target"), **load)
+    return experiment.lossless_check(target, rows, base.rows)
+
+
+def run(stage: str, item: str, method: Method, reuse_from: tuple[str, ...] = ()) -> Path:
+    """Run one stage item (or copy an identical earlier one) and mirror it to MLflow."""
+    params = load_params()
+    config = {"stage": stage, "item": item, "run": run_config(params, method)}
+    out = EXPERIMENTS / stage / item
+    base = None if method.baseline else experiment.read_item(BASELINE)
+    same = experiment.find_same(config, [EXPERIMENTS / s for s in reuse_from])
+    with tracking.stage_run(stage, item, config, device=str(models.resolve_device())) as mlrun:
+        lossless = None
+        if same is not None:
+            # Identical configuration already run by an upstream stage: reuse, never re-run.
+            config["reused_from"] = str(same)
+            rows = _rows_from(experiment.read_item(same))
+            if (same / experiment.LOSSLESS).exists():
+                lossless = pd.read_csv(same / experiment.LOSSLESS)
+        else:
+            rows = _generate(params, method, desc=f"{stage}/{item}")
+        frame = pd.DataFrame(rows)
+        frame["question_id"] = frame["question_id"].astype(str)
+        steps = pd.DataFrame([{"question_id": str(r["question_id"]), "repetition": r["repetition"],
+                               **s} for r in rows for s in r["steps"]])  # fmt: skip
+        metrics = summarize(frame, steps, base.rows if base else None,
+                            base.steps if base else None, params["seed"])  # fmt: skip
+        if same is None:
+            lossless = _lossless(params, method, frame, base)
+        experiment.write_item(out, config, rows, metrics, lossless)
+        _log(mlrun, experiment.read_item(out), out)
+    return out
+
+
+def _rows_from(item: experiment.Item) -> list[dict[str, Any]]:
+    """Rows in the shape experiment.run returns (steps nested), from files on disk."""
+    steps = item.steps.groupby(["question_id", "repetition"])
+    rows = []
+    for row in item.rows.to_dict("records"):
+        key = (str(row["question_id"]), row["repetition"])
+        group = steps.get_group(key) if key in steps.groups else item.steps.iloc[:0]
+        row["steps"] = group.drop(columns=["question_id", "repetition"]).to_dict("records")
+        rows.append(row)
+    return rows
+
+
+def _log(mlrun: tracking.StageRun, item: experiment.Item, out: Path) -> None:
+    """Every per-step record, per-prompt summary and summary metric, plus the files."""
+    steps = item.steps.reset_index(drop=True)
+    steps["prompt_index"] = pd.factorize(steps["question_id"])[0]
+    steps["global_step"] = range(len(steps))
+    numeric = steps.drop(columns=["question_id"])
+    mlrun.log_steps(numeric.to_dict("records"), step_key="global_step")
+    mlrun.log_prompt_metrics(item.rows.drop(columns=["token_ids", "prompt_ids"]).to_dict("records"))
+    mlrun.log_metrics(item.metrics)
+    mlrun.log_artifacts(sorted(p for p in out.iterdir() if p.is_file()))

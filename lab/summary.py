@@ -1,0 +1,87 @@
+"""Summary statistics over per-prompt results: the one place speed-ups are computed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from lab.records import StepRecord, cost_ratio, predicted_speedup
+
+
+def per_prompt(rows: pd.DataFrame) -> pd.DataFrame:
+    """One row per prompt: the median wall time over repetitions, tokens from the first one."""
+    first = rows.sort_values("repetition").groupby("question_id", sort=False).first()
+    first["total_ms"] = rows.groupby("question_id", sort=False)["total_ms"].median()
+    first["tokens_per_s"] = 1000.0 * first["new_tokens"] / first["total_ms"]
+    return first
+
+
+def bootstrap_geomean(ratios: np.ndarray, seed: int, n: int = 2000) -> tuple[float, float, float]:
+    """Geometric mean of ratios and its percentile-bootstrap 95% interval."""
+    logs = np.log(ratios)
+    rng = np.random.default_rng(seed)
+    means = logs[rng.integers(0, len(logs), size=(n, len(logs)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(np.exp(logs.mean())), float(np.exp(low)), float(np.exp(high))
+
+
+def paired_speedup(method: pd.DataFrame, baseline: pd.DataFrame, seed: int) -> dict[str, float]:
+    """Per-prompt baseline time / method time on the same prompts: geomean, CI, throughput ratio."""
+    joined = method.join(baseline, rsuffix="_base", how="inner")
+    if joined.empty:
+        raise ValueError("no prompt in common with the baseline: cannot pair speed-ups")
+    ratios = (joined["total_ms_base"] / joined["total_ms"]).to_numpy()
+    geo, low, high = bootstrap_geomean(ratios, seed)
+    throughput = (joined["new_tokens"].sum() / joined["total_ms"].sum()) / (
+        joined["new_tokens_base"].sum() / joined["total_ms_base"].sum()
+    )
+    return {"speedup": geo, "speedup_ci_low": low, "speedup_ci_high": high,
+            "throughput_ratio": float(throughput)}  # fmt: skip
+
+
+def greedy_match(method: pd.DataFrame, baseline: pd.DataFrame) -> pd.Series:
+    """Per prompt: whether the generated tokens equal the baseline's."""
+    joined = method[["token_ids"]].join(baseline[["token_ids"]], rsuffix="_base", how="inner")
+    return joined.apply(lambda r: list(r["token_ids"]) == list(r["token_ids_base"]), axis=1)
+
+
+def _steps(steps: pd.DataFrame) -> list[StepRecord]:
+    fields = list(StepRecord.__dataclass_fields__)
+    return [StepRecord(**r) for r in steps[fields].to_dict("records")]
+
+
+def summarize(
+    rows: pd.DataFrame,
+    steps: pd.DataFrame,
+    baseline_rows: pd.DataFrame | None,
+    baseline_steps: pd.DataFrame | None,
+    seed: int,
+) -> dict[str, Any]:
+    """The metrics.json of a stage item; speed-ups only when a baseline is given."""
+    prompts = per_prompt(rows)
+    first_rep = steps[steps["repetition"] == 0]
+    proposed = int(first_rep["proposed"].sum())
+    out: dict[str, Any] = {
+        "prompts": len(prompts),
+        "new_tokens": int(prompts["new_tokens"].sum()),
+        "tokens_per_s": float(1000.0 * prompts["new_tokens"].sum() / prompts["total_ms"].sum()),
+        "ttft_ms": float(prompts["ttft_ms"].mean()),
+        "peak_rss_mb": float(rows["peak_rss_mb"].max()),
+        "acceptance_rate": float(first_rep["accepted"].sum() / proposed) if proposed else None,
+        "mean_accepted_length": float(first_rep["emitted"].mean()) if len(first_rep) else None,
+        "mean_k": float(first_rep["proposed"].mean()) if proposed else None,
+    }
+    if rows["peak_cuda_mb"].notna().any():
+        out["peak_cuda_mb"] = float(rows["peak_cuda_mb"].max())
+    if baseline_rows is None or baseline_steps is None:
+        return out
+    base = per_prompt(baseline_rows)
+    out.update(paired_speedup(prompts, base, seed))
+    out["greedy_match_rate"] = float(greedy_match(prompts, base).mean())
+    c = cost_ratio(_steps(first_rep), _steps(baseline_steps[baseline_steps["repetition"] == 0]))
+    out["cost_ratio"] = c
+    if c is not None and out["acceptance_rate"] is not None and out["mean_k"]:
+        out["predicted_speedup"] = predicted_speedup(out["acceptance_rate"], out["mean_k"], c)
+    return out

@@ -1,0 +1,6 @@
+"""Stage report: tables and figures from experiments/ alone; closes the MLflow session run."""
+
+from lab import report, tracking
+
+report.main()
+tracking.finish_session()

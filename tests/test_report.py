@@ -1,0 +1,380 @@
+"""reports/ from an experiments/ tree written by the real lab code on tiny random models."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from lab import experiment, report
+from lab.experiment import Method
+from lab.models import LoadedModel
+from lab.prompts import CATEGORIES, load_suite
+from lab.sampling import SamplingParams
+from lab.summary import summarize
+
+MAX_NEW_TOKENS = 12
+PARAMS: dict[str, Any] = {
+    "k": 4,
+    "seed": 0,
+    "models": {
+        "target": "tiny-random-qwen2",
+        "draft": "tiny-random-qwen2-noisy",
+        "scorer": "tiny-random-qwen2",
+        "device": "cpu",
+        "dtype": None,
+    },
+    "prompts": {"source": "builtin", "categories": list(CATEGORIES), "per_category": 1},
+    "generation": {"max_new_tokens": MAX_NEW_TOKENS, "temperature": 0.0, "top_k": 0, "top_p": 1.0},
+    "run": {"repetitions": 1, "warmup": 1},
+    "report": {"bootstrap_samples": 200},
+}
+TABLES = (
+    "baseline",
+    "ksweep",
+    "policies",
+    "drafters",
+    "controllers",
+    "predicted",
+    "categories",
+    "lossless",
+    "perplexity_outputs",
+    "perplexity_corpus",
+    "step_latency",
+    "gpu",
+)
+FIGURES = ("ksweep", "frontier", "accepted_length", "step_latency", "acceptance_by_position")
+HEADINGS = (
+    "Methods",
+    "Baseline",
+    "K sweep",
+    "Acceptance policies",
+    "Drafters",
+    "K controllers",
+    "Measured vs predicted speed-up",
+    "Per-category speed-up",
+    "Lossless check",
+    "Perplexity",
+    "Per-step latency",
+    "Acceptance by draft position",
+    "GPU",
+)
+GREEDY = SamplingParams(0.0, 0, 1.0)
+
+
+def _noisy(target: LoadedModel) -> LoadedModel:
+    """The target with 5% weight noise: a draft that agrees often but not always (a ~ 0.6)."""
+    model = copy.deepcopy(target.model)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.numel() > 1:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.05 * p.std())
+    return dataclasses.replace(target, name="tiny-random-qwen2-noisy", model=model)
+
+
+class Builder:
+    """Runs methods and writes items the way lab.stage does, minus MLflow."""
+
+    def __init__(self, root: Path, target: LoadedModel) -> None:
+        self.root, self.target, self.draft = root, target, _noisy(target)
+        self.prompts = load_suite("builtin", per_category=1)
+        self.base: tuple[pd.DataFrame, pd.DataFrame] | None = None
+
+    def item(
+        self,
+        stage: str,
+        name: str,
+        method: Method,
+        sampling: SamplingParams = GREEDY,
+        policy_label: str | None = None,
+    ) -> None:
+        draft = None if method.baseline else self.draft
+        rows = experiment.run(
+            method,
+            self.target,
+            draft,
+            self.prompts,
+            MAX_NEW_TOKENS,
+            sampling,
+            seed=0,
+            repetitions=1,
+            warmup=1,
+        )
+        frame = pd.DataFrame(rows)
+        frame["question_id"] = frame["question_id"].astype(str)
+        steps = pd.DataFrame(
+            [
+                {"question_id": str(r["question_id"]), "repetition": r["repetition"], **s}
+                for r in rows
+                for s in r["steps"]
+            ]
+        )
+        base_rows, base_steps = self.base if self.base else (None, None)
+        metrics = summarize(frame, steps, base_rows, base_steps, seed=0)
+        lossless = None
+        if base_rows is not None and policy_label is None and sampling.greedy:
+            lossless = experiment.lossless_check(self.target, frame, base_rows)
+        run = {
+            "method": dataclasses.asdict(method),
+            "target": self.target.name,
+            "draft": None if method.baseline else self.draft.name,
+            "device": "cpu",
+            "dtype": None,
+            "prompts": PARAMS["prompts"],
+            "generation": PARAMS["generation"],
+            "seed": 0,
+            "repetitions": 1,
+            "warmup": 1,
+        }
+        if policy_label is not None:
+            run["method"]["policy"] = policy_label
+        config = {"stage": stage, "item": name, "run": run}
+        experiment.write_item(self.root / stage / name, config, rows, metrics, lossless)
+        if method.baseline:
+            self.base = frame, steps
+
+
+def _side_files(root: Path) -> None:
+    """prepare/, perplexity/ and gpu/ files as their stages write them (values plausible)."""
+    (root / "prepare").mkdir()
+    models = {
+        "target": {"name": "tiny-random-qwen2"},
+        "draft": {"name": "tiny-random-qwen2-noisy"},
+        "scorer": {"name": "tiny-random-qwen2"},
+    }
+    (root / "prepare" / "models.json").write_text(json.dumps(models))
+    rng = np.random.default_rng(0)
+    rows = []
+    for path in sorted(root.glob("*/*/prompts.jsonl")):
+        lossy = json.loads((path.parent / "config.json").read_text())["run"]["method"]["policy"]
+        for qid in pd.read_json(path, lines=True)["question_id"]:
+            ppl = rng.uniform(6, 9) * (1.3 if lossy == "typical" else 1.0)
+            rows.append(
+                {
+                    "stage": path.parent.parent.name,
+                    "item": path.parent.name,
+                    "question_id": qid,
+                    "tokens": MAX_NEW_TOKENS,
+                    "perplexity": ppl,
+                }
+            )
+    (root / "perplexity").mkdir()
+    pd.DataFrame(rows).to_csv(root / "perplexity" / "outputs.csv", index=False)
+    corpus = [
+        {"model": "tiny-random-qwen2", "role": "target", "tokens": 5000, "perplexity": 7.9},
+        {"model": "tiny-random-qwen2-noisy", "role": "draft", "tokens": 5000, "perplexity": 9.4},
+    ]
+    pd.DataFrame(corpus).to_csv(root / "perplexity" / "corpus.csv", index=False)
+    (root / "perplexity" / "metrics.json").write_text("{}\n")
+    (root / "gpu").mkdir()
+    gpu = {
+        "device": {"name": "NVIDIA H100 80GB HBM3"},
+        "driver": "570.86",
+        "torch": "2.11.0",
+        "tokens_per_s": 390.0,
+        "fraction_of_bandwidth_limit": 0.25,
+    }
+    (root / "gpu" / "decode.json").write_text(json.dumps(gpu))
+
+
+@pytest.fixture(scope="module")
+def experiments(tmp_path_factory: pytest.TempPathFactory, qwen2: LoadedModel) -> Path:
+    """A full experiments/ tree: every stage, the perplexity files, prepare and GPU results."""
+    root = tmp_path_factory.mktemp("lab") / "experiments"
+    build = Builder(root, qwen2)
+    build.item("baseline", "target", Method())
+    for k in (1, 2, 4):
+        build.item("ksweep", f"k{k}", Method("draft_model", "exact", k))
+    shutil.copytree(root / "ksweep" / "k4", root / "policies" / "exact")  # reused, as stage does
+    build.item("policies", "rejection", Method("draft_model", "rejection", 4))
+    # A lossy policy the registry does not have yet: sampled outputs under an unregistered name.
+    build.item(
+        "policies",
+        "typical",
+        Method("draft_model", "rejection", 4),
+        SamplingParams(1.0, 0, 1.0),
+        policy_label="typical",
+    )
+    shutil.copytree(root / "ksweep" / "k4", root / "drafters" / "draft_model")
+    for name, settings in (("adaptive", {"window": 2, "max_k": 6}), ("heuristic", {})):
+        build.item("adaptive", name, Method("draft_model", "exact", 4, name, settings))
+    _side_files(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def rendered(experiments: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list]:
+    reports = tmp_path_factory.mktemp("out") / "reports"
+    return reports, report.render(experiments, reports, PARAMS)
+
+
+def test_every_table_in_three_formats(rendered: tuple[Path, list[Path]]) -> None:
+    reports, _ = rendered
+    for name in TABLES:
+        for ext in ("md", "tex", "csv"):
+            path = reports / "tables" / f"{name}.{ext}"
+            assert path.is_file() and path.stat().st_size > 0, path
+        assert len(pd.read_csv(reports / "tables" / f"{name}.csv")) > 0, name
+        assert "\\toprule" in (reports / "tables" / f"{name}.tex").read_text()
+
+
+def test_every_figure_is_a_png(rendered: tuple[Path, list[Path]]) -> None:
+    reports, _ = rendered
+    for name in FIGURES:
+        data = (reports / "figures" / f"{name}.png").read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 1000, name
+
+
+def test_report_has_every_section(rendered: tuple[Path, list[Path]]) -> None:
+    reports, written = rendered
+    text = (reports / "report.md").read_text()
+    for heading in HEADINGS:
+        assert f"\n## {heading}\n" in text, heading
+    assert "No data" not in text
+    assert "bonus token included" in text and "(1 - a^(K+1)) / ((1 - a)(cK + 1))" in text
+    assert sorted(written) == sorted(p for p in reports.rglob("*") if p.is_file())
+
+
+def test_plot_data_for_dvc(rendered: tuple[Path, list[Path]]) -> None:
+    reports, _ = rendered
+    for name, columns in report.PLOTS.items():
+        frame = pd.read_csv(reports / "plots" / f"{name}.csv")
+        assert list(frame.columns) == list(columns) and len(frame) > 0, name
+    ksweep = pd.read_csv(reports / "plots" / "ksweep.csv")
+    assert ksweep["k"].tolist() == [1, 2, 4]
+    positions = pd.read_csv(reports / "plots" / "acceptance_by_position.csv")
+    assert positions["acceptance"].between(0, 1).all()
+
+
+def test_lossy_policy_is_labelled(rendered: tuple[Path, list[Path]]) -> None:
+    reports, _ = rendered
+    policies = pd.read_csv(reports / "tables" / "policies.csv").set_index("policy")
+    assert policies["lossy"].to_dict() == {"exact": False, "rejection": False, "typical": True}
+    assert "policies/typical (lossy)" in (reports / "tables" / "predicted.md").read_text()
+
+
+def test_speedups_come_from_metrics(rendered: tuple[Path, list[Path]], experiments: Path) -> None:
+    reports, _ = rendered
+    ksweep = pd.read_csv(reports / "tables" / "ksweep.csv").set_index("k")
+    metrics = json.loads((experiments / "ksweep" / "k2" / "metrics.json").read_text())
+    assert ksweep.loc[2, "speedup"] == pytest.approx(metrics["speedup"])
+    assert ksweep.loc[2, "acceptance_rate"] == pytest.approx(metrics["acceptance_rate"])
+    shown = (reports / "tables" / "ksweep.md").read_text()
+    assert f"{metrics['speedup']:.2f} [{metrics['speedup_ci_low']:.2f}, " in shown
+
+
+def test_controller_regret(rendered: tuple[Path, list[Path]]) -> None:
+    reports, _ = rendered
+    table = pd.read_csv(reports / "tables" / "controllers.csv")
+    expected = table["best_fixed_speedup"] / table["speedup"] - 1
+    assert np.allclose(table["regret"], expected)
+    assert table["best_fixed_k"].isin([1, 2, 4]).all()
+
+
+def test_categories_pair_with_baseline(rendered: tuple[Path, list[Path]]) -> None:
+    reports, _ = rendered
+    data = pd.read_csv(reports / "tables" / "categories.csv")
+    assert set(data["category"]) == {p.category for p in load_suite("builtin", per_category=1)}
+    assert (data["speedup_ci_low"] <= data["speedup"]).all()
+
+
+def test_missing_stages_render(experiments: Path, tmp_path: Path) -> None:
+    partial = tmp_path / "experiments"
+    shutil.copytree(experiments / "baseline", partial / "baseline")
+    shutil.copytree(experiments / "ksweep", partial / "ksweep")
+    written = report.render(partial, tmp_path / "reports", PARAMS)
+    text = (tmp_path / "reports" / "report.md").read_text()
+    for heading in ("Acceptance policies", "Drafters", "K controllers", "Perplexity", "GPU"):
+        section = text.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+        assert section.strip().startswith("_No data:"), heading
+    assert (tmp_path / "reports" / "tables" / "ksweep.csv") in written
+    assert not (tmp_path / "reports" / "tables" / "policies.csv").exists()
+    assert pd.read_csv(tmp_path / "reports" / "plots" / "frontier.csv").empty
+
+
+def test_empty_experiments_render(tmp_path: Path) -> None:
+    report.render(tmp_path / "experiments", tmp_path / "reports", PARAMS)
+    text = (tmp_path / "reports" / "report.md").read_text()
+    assert text.count("_No data:") == len(HEADINGS) - 1  # every section but the methods
+
+
+def test_rerender_removes_stale_files(experiments: Path, tmp_path: Path) -> None:
+    reports = tmp_path / "reports"
+    report.render(experiments, reports, PARAMS)
+    report.render(tmp_path / "nothing", reports, PARAMS)
+    assert not (reports / "tables").exists() and not (reports / "figures").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{not json", "not valid JSON"),
+        ('{"prompts": 6}', "missing metrics"),
+        ("[1, 2]", "expected a JSON object"),
+    ],
+)
+def test_malformed_metrics_raise_with_path(
+    experiments: Path, tmp_path: Path, content: str, message: str
+) -> None:
+    broken = tmp_path / "experiments"
+    shutil.copytree(experiments, broken)
+    path = broken / "ksweep" / "k2" / "metrics.json"
+    path.write_text(content)
+    with pytest.raises(report.ReportError, match=message) as err:
+        report.render(broken, tmp_path / "reports", PARAMS)
+    assert str(path) in str(err.value)
+    assert not (tmp_path / "reports").exists()  # nothing written before the failure
+
+
+def test_malformed_steps_raise_with_path(experiments: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "experiments"
+    shutil.copytree(experiments / "baseline", broken / "baseline")
+    steps = broken / "baseline" / "target" / "steps.csv"
+    pd.read_csv(steps).drop(columns=["step_ms"]).to_csv(steps, index=False)
+    with pytest.raises(report.ReportError, match="step_ms") as err:
+        report.render(broken, tmp_path / "reports", PARAMS)
+    assert str(steps) in str(err.value)
+
+
+def test_lossless_table_lists_differences() -> None:
+    check = pd.DataFrame(
+        {
+            "question_id": ["1", "2", "3"],
+            "identical": [True, False, True],
+            "first_diff": [None, 5, None],
+            "logit_margin": [None, 0.0123, None],
+        }
+    )
+    table = report.lossless_table({"ksweep/k4": check})
+    assert table.shown.iloc[0]["identical / total"] == "2/3"
+    assert table.shown.iloc[0]["differing prompts: first diff"] == "2 at token 5 (margin 0.012)"
+    assert table.data.iloc[0]["identical"] == 2
+
+
+def test_acceptance_by_position_is_conditional() -> None:
+    steps = pd.DataFrame({"repetition": 0, "proposed": [2, 2, 1], "accepted": [2, 0, 1]})
+    out = report.acceptance_by_position(steps).set_index("position")
+    assert out.loc[1, "acceptance"] == pytest.approx(2 / 3)  # steps 1 and 3 kept position 1
+    assert out.loc[2, "acceptance"] == pytest.approx(1 / 2)  # of the two that offered 2
+
+
+def test_number_formats() -> None:
+    assert report.fmt_ci(1.2345, 1.1, 1.37) == "1.23 [1.10, 1.37]"
+    assert [report.fmt(v) for v in (1234.5, 45.67, 0.456, 0.0123, None, True, 3)] == [
+        "1234",
+        "45.7",
+        "0.46",
+        "0.012",
+        "n/a",
+        "yes",
+        "3",
+    ]
