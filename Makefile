@@ -32,8 +32,7 @@ models: install
 	for m in $(MODELS); do $(BIN)/lab models prepare $$m || exit 1; done
 
 repro: models
-	$(BIN)/lab generate --target qwen2.5-coder-1.5b-instruct --draft qwen2.5-coder-0.5b-instruct \
-		--k 4 --max-new-tokens 64 --prompt "Write a Python function that checks whether a string is a palindrome."
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 test: install-dev
 	$(BIN)/pytest -q
@@ -43,6 +42,9 @@ lint:
 	$(BIN)/ruff check lab stages tests
 	$(BIN)/ruff format --check lab stages tests
 	$(BIN)/mypy
+
+ui: install
+	$(BIN)/lab ui
 
 bench: models
 	$(BIN)/lab bench --k 4 --max-new-tokens 64

@@ -1,4 +1,4 @@
-"""The `lab` command: models, generate, bench."""
+"""The `lab` command: models, generate, bench, ui."""
 
 from __future__ import annotations
 
@@ -81,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--categories", nargs="*", default=list(CATEGORIES))
     b.add_argument("--per-category", type=int, default=1)
     b.add_argument("--json", action="store_true", help="print one JSON object")
+
+    u = sub.add_parser("ui", help="MLflow UI over this repo's runs, on 127.0.0.1")
+    u.add_argument("--port", type=int, default=5000)
     return parser
 
 
@@ -176,10 +179,26 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     print("speculative step (ms):", json.dumps(result["speculative_steps"]))
 
 
+def _cmd_ui(args: argparse.Namespace) -> None:
+    import os
+    import subprocess
+
+    from lab import tracking
+
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+           "MLFLOW_DISABLE_TELEMETRY": "true"}  # fmt: skip
+    uri = tracking.tracking_uri()
+    print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port}", file=sys.stderr)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
+           "--port", str(args.port), "--workers", "1"]  # fmt: skip
+    subprocess.run(cmd, env=env, check=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `lab` console script."""
     args = _parser().parse_args(argv)
-    commands = {"models": _cmd_models, "generate": _cmd_generate, "bench": _cmd_bench}
+    commands = {"models": _cmd_models, "generate": _cmd_generate, "bench": _cmd_bench,
+                "ui": _cmd_ui}  # fmt: skip
     try:
         commands[args.command](args)
     except (ValueError, packaged.ModelPackageError) as err:

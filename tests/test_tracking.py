@@ -1,0 +1,209 @@
+"""MLflow mirror: store location, nesting by session, tags, params, batched metrics, statuses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+
+from lab import tracking
+
+ENV = ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_STAGE", "LAB_SESSION")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # One store for the module: creating an MLflow sqlite schema takes seconds.
+    return tmp_path_factory.mktemp("repo")
+
+
+@pytest.fixture
+def client(
+    root: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> Iterator[MlflowClient]:
+    for name in ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(root))
+    # A fresh experiment and session per test, so searches see only this test's runs.
+    monkeypatch.setenv("LAB_MLFLOW_EXPERIMENT", request.node.name)
+    monkeypatch.setenv("LAB_SESSION", f"test-{uuid.uuid4().hex}")
+    yield MlflowClient(tracking.tracking_uri())
+
+
+def parent_of(client: MlflowClient, run_id: str) -> Run:
+    return client.get_run(client.get_run(run_id).data.tags["mlflow.parentRunId"])
+
+
+def test_uri_built_from_dvc_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    assert tracking.repo_root() == tmp_path.resolve()
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+
+
+def test_tracking_uri_env_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.team:5000")
+    assert tracking.tracking_uri() == "http://mlflow.team:5000"
+
+
+def test_flatten_and_truncate() -> None:
+    assert tracking.flatten({"a": {"b": {"c": 1}, "d": []}, "e": {}}) == {
+        "a.b.c": 1,
+        "a.d": [],
+        "e": {},
+    }
+    long = tracking.param_value("x" * 7000)
+    assert len(long) == tracking.PARAM_VALUE_MAX and long.endswith("[truncated, 7000 chars]")
+
+
+def test_stages_of_one_session_nest_under_one_parent(client: MlflowClient, root: Path) -> None:
+    params = {"sampling": {"temperature": 0.7, "top_p": None}, "k": 3, "long": "y" * 7000}
+    params |= {f"many.p{i}": i for i in range(150)}  # more than one 100-param batch
+    with tracking.stage_run("spec_k", "k3", params, device="cuda") as first:
+        pass
+    with tracking.stage_run("baseline", "greedy", {"k": 0}) as second:
+        pass
+    parent = parent_of(client, first.run_id)
+    assert parent.info.run_id == parent_of(client, second.run_id).info.run_id
+    assert parent.info.status == "RUNNING"
+    assert parent.data.tags["lab.role"] == "session"
+
+    run = client.get_run(first.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "spec_k/k3"
+    tags = run.data.tags
+    assert (tags["stage"], tags["item"], tags["device"]) == ("spec_k", "k3", "cuda")
+    assert tags["pid"] == str(os.getpid()) and tags["host"] == socket.gethostname()
+    assert tags["lab.session"] == os.environ["LAB_SESSION"]
+    for key in ("dvc.exp_name", "dvc.baseline_rev", "git.commit", "version.torch"):
+        assert tags[key]
+    assert tags["version.mlflow"][0].isdigit()
+
+    logged = run.data.params
+    assert logged["sampling.temperature"] == "0.7" and logged["sampling.top_p"] == "None"
+    assert logged["many.p149"] == "149" and len(logged) == 154
+    assert logged["long"].endswith("[truncated, 7000 chars]")
+    expected = (root / "mlartifacts" / os.environ["LAB_MLFLOW_EXPERIMENT"]).as_uri()
+    assert client.get_experiment(run.info.experiment_id).artifact_location == expected
+
+
+def test_dvc_experiment_env_defines_the_session(
+    client: MlflowClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("LAB_SESSION")
+    monkeypatch.setenv("DVC_EXP_NAME", "quick-fox")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "abc123")
+    with tracking.stage_run("a", "1", {}) as first:
+        pass
+    with tracking.stage_run("b", "1", {}) as second:
+        pass
+    parent = parent_of(client, first.run_id)
+    assert parent.info.run_id == parent_of(client, second.run_id).info.run_id
+    assert parent.data.tags["lab.session"] == "exp:quick-fox:abc123"
+    assert client.get_run(first.run_id).data.tags["dvc.exp_name"] == "quick-fox"
+
+
+def test_step_prompt_and_summary_metrics(client: MlflowClient, tmp_path: Path) -> None:
+    per_prompt = [[{"step": s, "draft_ms": 1.5, "accepted": s % 4} for s in range(500)]] * 5
+    figure = tmp_path / "figure.png"
+    figure.write_bytes(b"png")
+    (tmp_path / "tables").mkdir()
+    (tmp_path / "tables" / "t.md").write_text("| a |\n")
+    start = time.perf_counter()
+    with tracking.stage_run("spec_k", "k4", {}) as run:
+        run.log_steps(tracking.global_step_rows(per_prompt))
+        run.log_prompt_metrics([{"tokens_per_s": 10.0, "stop_reason": "eos", "x": None}] * 3)
+        run.log_metrics({"speedup": 1.8, "lossless": True, "note": "text", "missing": None})
+        run.log_artifacts([figure, tmp_path / "tables"], artifact_path="report")
+    elapsed = time.perf_counter() - start
+    assert elapsed < 20, f"logging 12500 step metrics took {elapsed:.1f} s"
+
+    history = client.get_metric_history(run.run_id, "step.draft_ms")
+    assert len(history) == 2500
+    assert sorted(m.step for m in history) == list(range(2500))
+    prompt_index = {
+        m.step: m.value for m in client.get_metric_history(run.run_id, "step.prompt_index")
+    }
+    assert prompt_index[0] == 0 and prompt_index[2499] == 4
+    assert len(client.get_metric_history(run.run_id, "step.prompt_step")) == 2500
+    assert [m.step for m in client.get_metric_history(run.run_id, "prompt.tokens_per_s")] == [
+        0,
+        1,
+        2,
+    ]
+    metrics = client.get_run(run.run_id).data.metrics
+    assert metrics["speedup"] == 1.8 and metrics["lossless"] == 1.0
+    assert (
+        "note" not in metrics and "missing" not in metrics and "prompt.stop_reason" not in metrics
+    )
+    listed = {a.path for a in client.list_artifacts(run.run_id, "report")}
+    assert listed == {"report/figure.png", "report/tables"}
+
+
+def test_exception_ends_failed_and_reraises(client: MlflowClient) -> None:
+    with pytest.raises(ValueError, match="boom"), tracking.stage_run("s", "i", {}) as run:
+        run.log_steps([{"step": 0, "draft_ms": 1.0}])
+        raise ValueError("boom")
+    assert client.get_run(run.run_id).info.status == "FAILED"
+    # The partial history of the failed run is kept.
+    assert len(client.get_metric_history(run.run_id, "step.draft_ms")) == 1
+
+
+def test_interrupt_and_sigterm_end_killed(client: MlflowClient) -> None:
+    with pytest.raises(KeyboardInterrupt), tracking.stage_run("s", "ctrl-c", {}) as interrupted:
+        raise KeyboardInterrupt
+    previous = signal.getsignal(signal.SIGTERM)
+    with (
+        pytest.raises(tracking.StageTerminated),
+        tracking.stage_run("s", "sigterm", {}) as terminated,
+    ):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises long before this ends
+    assert signal.getsignal(signal.SIGTERM) == previous
+    assert client.get_run(interrupted.run_id).info.status == "KILLED"
+    assert client.get_run(terminated.run_id).info.status == "KILLED"
+
+
+def test_finish_session_ends_the_parent(client: MlflowClient) -> None:
+    with tracking.stage_run("s", "i", {}) as run:
+        pass
+    tracking.finish_session()
+    assert parent_of(client, run.run_id).info.status == "FINISHED"
+    # The next stage of the same session key starts a new parent rather than reopening one.
+    with tracking.stage_run("s", "j", {}) as later:
+        pass
+    assert parent_of(client, later.run_id).info.run_id != parent_of(client, run.run_id).info.run_id
+
+
+def test_mark_stale_runs_fails_runs_of_dead_processes(client: MlflowClient) -> None:
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    with tracking.stage_run("s", "alive", {}) as alive:  # also creates the experiment
+        pass
+    experiment_id = client.get_run(alive.run_id).info.experiment_id
+    host = socket.gethostname()
+    gone = client.create_run(experiment_id, tags={"host": host, "pid": dead.stdout.strip()})
+    running = client.create_run(experiment_id, tags={"host": host, "pid": str(os.getpid())})
+    assert tracking.mark_stale_runs() == 1
+    assert client.get_run(gone.info.run_id).info.status == "FAILED"
+    assert "is gone" in client.get_run(gone.info.run_id).data.tags["lab.stale_reason"]
+    assert client.get_run(running.info.run_id).info.status == "RUNNING"
+    # Old runs with no process to check go by age; the session parent has no pid.
+    assert tracking.mark_stale_runs(max_age_hours=0) >= 1
+    assert parent_of(client, alive.run_id).info.status == "FAILED"
+    assert client.get_run(running.info.run_id).info.status == "RUNNING"
