@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import psutil
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator, NullFormatter, ScalarFormatter
 
 from lab import experiment
 from lab import params as P
@@ -124,8 +125,13 @@ class Results:
         return found[0] if found else None
 
     @property
+    def runs(self) -> list[Item]:
+        """Every item that ran its own generations (reused copies would repeat a row)."""
+        return [i for s in STAGES for i in self.items.get(s, []) if "reused_from" not in i.config]
+
+    @property
     def speculative(self) -> list[Item]:
-        return [i for s in STAGES for i in self.items.get(s, []) if not _is_baseline(i)]
+        return [i for i in self.runs if not _is_baseline(i)]
 
 
 @dataclass(frozen=True)
@@ -256,7 +262,7 @@ def _is_baseline(item: Item) -> bool:
 
 
 def _order(item: Item) -> tuple[int, str]:
-    """K sweep items by K, everything else by name."""
+    """By K, then by name: the K sweep in K order, other stages (one K) by name."""
     return int(_method(item)["k"]), item.path.name
 
 
@@ -268,8 +274,12 @@ def is_lossy(item: Item) -> bool:
 
 def label(item: Item) -> str:
     """stage/item, marked when the configuration is lossy."""
-    name = f"{item.path.parent.name}/{item.path.name}"
+    name = _stage_item(item.path)
     return f"{name} (lossy)" if not _is_baseline(item) and is_lossy(item) else name
+
+
+def _stage_item(path: Path) -> str:
+    return f"{path.parent.name}/{path.name}"
 
 
 def _first(frame: pd.DataFrame) -> pd.DataFrame:
@@ -313,14 +323,10 @@ def category_speedups(method: Item, baseline: Item, seed: int) -> pd.DataFrame:
     rows = []
     for category in base["category"].unique():
         pair = mine[mine["category"] == category], base[base["category"] == category]
-        if len(pair[0].index.intersection(pair[1].index)):
-            rows.append(
-                {
-                    "category": category,
-                    "prompts": len(pair[0]),
-                    **paired_speedup(pair[0], pair[1], seed),
-                }
-            )
+        paired = len(pair[0].index.intersection(pair[1].index))
+        if paired:
+            rows.append({"category": category, "prompts": paired,
+                         **paired_speedup(pair[0], pair[1], seed)})  # fmt: skip
     return pd.DataFrame(rows)
 
 
@@ -379,9 +385,9 @@ def ci(column: str) -> list[str]:
     return [column, f"{column}_ci_low", f"{column}_ci_high"]
 
 
-def header(column: str, ci: bool = False) -> str:
+def header(column: str, with_ci: bool = False) -> str:
     """The shown header of a raw column, marked when it carries a confidence interval."""
-    return HEADERS.get(column, column) + (" [95% CI]" if ci else "")
+    return HEADERS.get(column, column) + (" [95% CI]" if with_ci else "")
 
 
 def make_table(name: str, caption: str, data: pd.DataFrame) -> Table:
@@ -393,7 +399,7 @@ def make_table(name: str, caption: str, data: pd.DataFrame) -> Table:
         low, high = f"{column}_ci_low", f"{column}_ci_high"
         if low in data.columns:
             cells = [fmt_ci(*t) for t in zip(data[column], data[low], data[high], strict=True)]
-            shown[header(column, ci=True)] = cells
+            shown[header(column, with_ci=True)] = cells
         else:
             shown[header(column)] = [fmt(v) for v in data[column]]
     return Table(name, caption, data, shown.reset_index(drop=True))
@@ -405,11 +411,15 @@ def _write_table(table: Table, folder: Path) -> list[Path]:
     md, tex, csv = (folder / f"{table.name}.{ext}" for ext in ("md", "tex", "csv"))
     md.write_text(_markdown(table.shown) + "\n")
     # to_latex renders through Styler with booktabs rules; escape keeps '_' and '%' literal.
-    tex.write_text(
-        table.shown.to_latex(
-            index=False, escape=True, caption=table.caption, label=f"tab:{table.name}"
-        )
+    columns = "l" + "r" * (len(table.shown.columns) - 1)  # names left, numbers right
+    latex = table.shown.to_latex(
+        index=False,
+        escape=True,
+        column_format=columns,
+        caption=table.caption,
+        label=f"tab:{table.name}",
     )
+    tex.write_text(latex)
     table.data.to_csv(csv, index=False)
     return [md, tex, csv]
 
@@ -481,6 +491,7 @@ def methods_section(results: Results, params: dict[str, Any], settings: Settings
         f"{run['repetitions']} time(s) (median wall time used) after {run['warmup']} discarded "
         f"warm-up generation(s) per configuration. Settings read from {source}.",
         *_mismatches(items, ref),
+        *_reused(items),
         "**Metrics.**\n" + "\n".join(f"- {d}" for d in _definitions(settings)),
     ]
     return Section("Methods", text)
@@ -556,6 +567,18 @@ def _mismatches(items: list[Item], ref: Item | None) -> list[str]:
     if not odd:
         return []
     return [f"**Warning:** these configurations ran with other settings: {', '.join(odd)}."]
+
+
+def _reused(items: list[Item]) -> list[str]:
+    """Which items copy an identical earlier run: they appear once in cross-configuration views."""
+    pairs = [
+        f"{label(i)} = {_stage_item(Path(i.config['reused_from']))}"
+        for i in items
+        if "reused_from" in i.config
+    ]
+    if not pairs:
+        return []
+    return [f"**Reused runs** (identical configuration, run once): {'; '.join(pairs)}."]
 
 
 def _definitions(settings: Settings) -> list[str]:
@@ -637,10 +660,10 @@ def ksweep_figure(data: pd.DataFrame) -> Figure:
     _errorbar(left, data["k"], data, "speedup", "measured")
     left.plot(data["k"], data["predicted_speedup"], "s--", label="predicted (Leviathan)")
     left.axhline(1.0, color="grey", lw=0.8)
-    left.set(xlabel="K (draft length)", ylabel="speed-up over baseline")
+    left.set(xlabel="K (draft length)", ylabel="speed-up over baseline", xticks=data["k"])
     left.legend()
     _errorbar(right, data["k"], data, "acceptance_rate", "acceptance rate")
-    right.set(xlabel="K (draft length)", ylabel="acceptance rate", ylim=(0, 1.05))
+    right.set(xlabel="K (draft length)", ylabel="acceptance rate", ylim=(0, 1.05), xticks=data["k"])
     return fig
 
 
@@ -948,11 +971,10 @@ def perplexity_section(results: Results) -> Section:
 def latency_section(results: Results) -> Section:
     """Distribution of per-step wall time for every configuration."""
     section = Section("Per-step latency")
-    items = [i for s in STAGES for i in results.items.get(s, [])]
-    if not items:
+    if not results.runs:
         section.text.append(_none("no configuration has results"))
         return section
-    steps = {label(i): _first(i.steps)["step_ms"] for i in items}
+    steps = {label(i): _first(i.steps)["step_ms"] for i in results.runs}
     data = pd.DataFrame(
         {
             "configuration": list(steps),
@@ -977,6 +999,8 @@ def latency_figure(steps: dict[str, pd.Series]) -> Figure:
         flierprops={"markersize": 2},
     )
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(ScalarFormatter())  # 2, 5, 10 ms rather than 10^0 labels
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.invert_yaxis()  # first configuration on top, as in the tables
     ax.set(xlabel="step wall time (ms, log scale)")
     return fig
@@ -1013,6 +1037,7 @@ def position_figure(data: pd.DataFrame) -> Figure:
     for name, part in data.groupby("configuration", sort=False):
         ax.plot(part["position"], part["acceptance"], "o-", label=str(name))
     ax.set(xlabel="draft position i", ylabel="P(accepted | proposed at least i)", ylim=(0, 1.05))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=7)
     return fig
 

@@ -27,13 +27,20 @@ def bootstrap_geomean(ratios: np.ndarray, seed: int, n: int = 2000) -> tuple[flo
     return float(np.exp(logs.mean())), float(np.exp(low)), float(np.exp(high))
 
 
-def paired_speedup(method: pd.DataFrame, baseline: pd.DataFrame, seed: int) -> dict[str, float]:
+def _pair(method: pd.DataFrame, baseline: pd.DataFrame) -> pd.DataFrame:
+    """Method and baseline rows of the same prompts side by side (baseline columns get _base)."""
+    return method.merge(baseline, left_index=True, right_index=True, suffixes=("", "_base"))
+
+
+def paired_speedup(
+    method: pd.DataFrame, baseline: pd.DataFrame, seed: int, n: int = 2000
+) -> dict[str, float]:
     """Per-prompt baseline time / method time on the same prompts: geomean, CI, throughput ratio."""
-    joined = method.join(baseline, rsuffix="_base", how="inner")
+    joined = _pair(method, baseline)
     if joined.empty:
         raise ValueError("no prompt in common with the baseline: cannot pair speed-ups")
     ratios = (joined["total_ms_base"] / joined["total_ms"]).to_numpy()
-    geo, low, high = bootstrap_geomean(ratios, seed)
+    geo, low, high = bootstrap_geomean(ratios, seed, n)
     throughput = (joined["new_tokens"].sum() / joined["total_ms"].sum()) / (
         joined["new_tokens_base"].sum() / joined["total_ms_base"].sum()
     )
@@ -43,7 +50,7 @@ def paired_speedup(method: pd.DataFrame, baseline: pd.DataFrame, seed: int) -> d
 
 def greedy_match(method: pd.DataFrame, baseline: pd.DataFrame) -> pd.Series:
     """Per prompt: whether the generated tokens equal the baseline's."""
-    joined = method[["token_ids"]].join(baseline[["token_ids"]], rsuffix="_base", how="inner")
+    joined = _pair(method[["token_ids"]], baseline[["token_ids"]])
     return joined.apply(lambda r: list(r["token_ids"]) == list(r["token_ids_base"]), axis=1)
 
 

@@ -143,6 +143,14 @@ class Builder:
             self.base = frame, steps
 
 
+def _reuse(source: Path, dest: Path) -> None:
+    """What lab.stage does for an identical configuration: copy the run, record where from."""
+    shutil.copytree(source, dest)
+    config = json.loads((dest / "config.json").read_text())
+    config.update(stage=dest.parent.name, item=dest.name, reused_from=str(source))
+    (dest / "config.json").write_text(json.dumps(config))
+
+
 def _side_files(root: Path) -> None:
     """prepare/, perplexity/ and gpu/ files as their stages write them (values plausible)."""
     (root / "prepare").mkdir()
@@ -194,7 +202,7 @@ def experiments(tmp_path_factory: pytest.TempPathFactory, qwen2: LoadedModel) ->
     build.item("baseline", "target", Method())
     for k in (1, 2, 4):
         build.item("ksweep", f"k{k}", Method("draft_model", "exact", k))
-    shutil.copytree(root / "ksweep" / "k4", root / "policies" / "exact")  # reused, as stage does
+    _reuse(root / "ksweep" / "k4", root / "policies" / "exact")
     build.item("policies", "rejection", Method("draft_model", "rejection", 4))
     # A lossy policy the registry does not have yet: sampled outputs under an unregistered name.
     build.item(
@@ -204,7 +212,7 @@ def experiments(tmp_path_factory: pytest.TempPathFactory, qwen2: LoadedModel) ->
         SamplingParams(1.0, 0, 1.0),
         policy_label="typical",
     )
-    shutil.copytree(root / "ksweep" / "k4", root / "drafters" / "draft_model")
+    _reuse(root / "ksweep" / "k4", root / "drafters" / "draft_model")
     for name, settings in (("adaptive", {"window": 2, "max_k": 6}), ("heuristic", {})):
         build.item("adaptive", name, Method("draft_model", "exact", 4, name, settings))
     _side_files(root)
@@ -299,6 +307,16 @@ def test_missing_stages_render(experiments: Path, tmp_path: Path) -> None:
     assert (tmp_path / "reports" / "tables" / "ksweep.csv") in written
     assert not (tmp_path / "reports" / "tables" / "policies.csv").exists()
     assert pd.read_csv(tmp_path / "reports" / "plots" / "frontier.csv").empty
+
+
+def test_main_renders_from_cwd(
+    experiments: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shutil.copytree(experiments / "baseline", tmp_path / "experiments" / "baseline")
+    (tmp_path / "params.yaml").write_text(json.dumps(PARAMS))  # JSON is YAML
+    monkeypatch.chdir(tmp_path)
+    report.main()
+    assert (tmp_path / "reports" / "tables" / "baseline.md").is_file()
 
 
 def test_empty_experiments_render(tmp_path: Path) -> None:
