@@ -5,19 +5,54 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from lab import decode, speculative
+from lab import decode, fast, gpu, speculative
 from lab.controllers import FixedK
 from lab.decode import Clock
 from lab.drafters import DraftModel
+from lab.fast import StaticEngine
 from lab.models import LoadedModel
 from lab.policies import get_policy
+from lab.records import PromptResult
 
 METHODS = ("hf_generate", "lab_baseline", "hf_assisted", "lab_speculative")
+ORACLE = "lab_speculative_oracle"
+STATIC = ("lab_baseline_static", "lab_speculative_static", "lab_speculative_oracle_static")
+
+
+@dataclass(frozen=True)
+class Method:
+    """What a benchmarked method runs on, and what its speed-up is measured against."""
+
+    cache: str  # hf-dynamic (HF generate's own), dynamic, static or static+compiled
+    drafter: str | None  # a draft model's name, "oracle", or None for plain decoding
+    reference: str | None  # the method whose tokens/s its speed-up divides by
+
+
+def methods(
+    draft: str, oracle: bool = False, static_cache: bool = False, compile: bool = False
+) -> dict[str, Method]:
+    """The methods one bench run times, in the order it runs them on each prompt."""
+    static = "static+compiled" if compile else "static"
+    out = {
+        "hf_generate": Method("hf-dynamic", None, None),
+        "lab_baseline": Method("dynamic", None, "hf_generate"),
+        "hf_assisted": Method("hf-dynamic", draft, "hf_generate"),
+        "lab_speculative": Method("dynamic", draft, "lab_baseline"),
+    }
+    if oracle:  # after lab_baseline, whose outputs it replays
+        out[ORACLE] = Method("dynamic", "oracle", "lab_baseline")
+    if static_cache or compile:
+        out["lab_baseline_static"] = Method(static, None, "lab_baseline")
+        out["lab_speculative_static"] = Method(static, draft, "lab_baseline_static")
+        if oracle:
+            out["lab_speculative_oracle_static"] = Method(static, "oracle", "lab_baseline_static")
+    return out
 
 
 @contextmanager
@@ -49,21 +84,76 @@ def _hf(target: LoadedModel, ids: list[int], n: int, **extra: Any) -> list[int]:
     return [int(t) for t in out[0, len(ids) :]]
 
 
-def _runners(target: LoadedModel, draft: LoadedModel, k: int) -> dict[str, Callable[..., Any]]:
-    """Each method as f(prompt_ids, max_new_tokens) -> token ids (and lab's full result)."""
+Baselines = dict[str, dict[tuple[int, ...], PromptResult]]
+
+
+class OracleMethod:
+    """Lab's loop with the oracle drafter: settled on each prompt first (untimed), then timed."""
+
+    def __init__(
+        self, run: gpu.RunOracle, target: LoadedModel, baseline: str, baselines: Baselines
+    ) -> None:
+        self.run = run
+        self.target = target
+        self.baseline = baseline  # the method whose output on the same path it starts from
+        self.baselines = baselines
+        self.settled: dict[tuple[int, ...], list[int]] = {}
+        self.passes: list[int] = []
+
+    def prepare(self, ids: list[int], n: int) -> None:
+        """Find the continuation this path accepts in full (see gpu.settle)."""
+        reference = self.baselines[self.baseline][tuple(ids)].token_ids
+        result, passes = gpu.settle(self.run, self.target, ids, reference, n)
+        self.settled[tuple(ids)] = result.token_ids
+        self.passes.append(passes)
+
+    def __call__(self, ids: list[int], n: int) -> PromptResult:
+        vocab = self.target.model.config.vocab_size
+        oracle = gpu.OracleDrafter(
+            {tuple(ids): self.settled[tuple(ids)]}, vocab, self.target.device
+        )
+        return self.run(oracle, ids, n)
+
+
+def _runners(
+    target: LoadedModel,
+    draft: LoadedModel,
+    k: int,
+    engine: StaticEngine | None,
+    baselines: Baselines,
+) -> dict[str, Callable[[list[int], int], Any]]:
+    """Each method as f(prompt_ids, max_new_tokens) -> token ids (or lab's full result)."""
     exact = get_policy("exact")
-    return {
+
+    def dynamic(oracle: gpu.OracleDrafter, ids: list[int], n: int) -> PromptResult:
+        return speculative.generate(target, oracle, exact, FixedK(k), ids, n)
+
+    runners: dict[str, Callable[[list[int], int], Any]] = {
         "hf_generate": lambda ids, n: _hf(target, ids, n),
         "lab_baseline": lambda ids, n: decode.generate(target, ids, n),
         "hf_assisted": lambda ids, n: _hf(target, ids, n, assistant_model=draft.model),
         "lab_speculative": lambda ids, n: speculative.generate(
             target, DraftModel(draft), exact, FixedK(k), ids, n
         ),
+        ORACLE: OracleMethod(dynamic, target, "lab_baseline", baselines),
     }
+    if engine is not None:
+
+        def static(oracle: gpu.OracleDrafter, ids: list[int], n: int) -> PromptResult:
+            return fast.speculative(engine, oracle, exact, FixedK(k), ids, n)
+
+        runners["lab_baseline_static"] = lambda ids, n: fast.generate(engine, ids, n)
+        runners["lab_speculative_static"] = lambda ids, n: fast.speculative(
+            engine, DraftModel(draft), exact, FixedK(k), ids, n
+        )
+        runners["lab_speculative_oracle_static"] = OracleMethod(
+            static, target, "lab_baseline_static", baselines
+        )
+    return runners
 
 
-def _step_breakdown(results: list[Any]) -> dict[str, float]:
-    """Mean ms per step of lab's speculative loop: draft, verify, and everything else."""
+def _step_breakdown(results: list[PromptResult]) -> dict[str, float]:
+    """Mean ms per step of a lab loop: draft, verify, and everything else."""
     steps = [s for r in results for s in r.steps]
     draft = sum(s.draft_ms for s in steps) / len(steps)
     verify = sum(s.verify_ms for s in steps) / len(steps)
@@ -77,6 +167,65 @@ def _step_breakdown(results: list[Any]) -> dict[str, float]:
     }
 
 
+def _first_difference(tokens: list[int], reference: list[int]) -> int | None:
+    """Index of the first token that differs from the reference (None: identical)."""
+    if tokens == reference:
+        return None
+    pairs = zip(tokens, reference, strict=False)
+    return next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(tokens), len(reference)))
+
+
+def _static_engine(
+    target: LoadedModel,
+    prompts: list[list[int]],
+    ks: list[int],
+    max_new_tokens: int,
+    compile: bool,
+) -> StaticEngine:
+    """One engine for the whole run (graphs are tied to its cache), compiled and captured now."""
+    # Eager steps gain nothing from fixed shapes; graphs need them (one per K, tails padded).
+    sizes = [1] + [k + 1 for k in ks] if compile else []
+    max_len = fast.cache_length(prompts, max_new_tokens, max(ks))
+    engine = StaticEngine(target, max_len, compile=compile, sizes=sizes)
+    if compile:
+        engine.warmup(prompts[0])
+    return engine
+
+
+def _method_summary(
+    name: str,
+    method: Method,
+    tokens: list[list[int]],
+    seconds: float,
+    results: list[PromptResult],
+    reference: list[list[int]],
+    tps: dict[str, float],
+) -> dict[str, Any]:
+    """tokens/s, speed-up over its reference, acceptance and token identity of one method."""
+    proposed = sum(s.proposed for r in results for s in r.steps)
+    accepted = sum(s.accepted for r in results for s in r.steps)
+    peaks = [r.peak_cuda_mb for r in results if r.peak_cuda_mb is not None]
+    return {
+        "cache": method.cache,
+        "drafter": method.drafter,
+        "tokens_per_s": tps[name],
+        # lab's loops only (HF's generate keeps no step records): steps alone, no prefill.
+        "decode_tokens_per_s": gpu.decode_tokens_per_s(results) if results else None,
+        "ttft_ms": sum(r.ttft_ms for r in results) / len(results) if results else None,
+        "new_tokens": sum(map(len, tokens)),
+        "seconds": seconds,
+        "speedup": tps[name] / tps[method.reference] if method.reference else None,
+        "speedup_over": method.reference,
+        "acceptance_rate": accepted / proposed if proposed else None,
+        "identical": tokens == reference,
+        "first_difference": [
+            _first_difference(t, r) for t, r in zip(tokens, reference, strict=True)
+        ],
+        "peak_cuda_mb": max(peaks) if peaks else None,
+        "steps": _step_breakdown(results) if results else None,
+    }
+
+
 @torch.inference_mode()
 def run(
     target: LoadedModel,
@@ -85,28 +234,67 @@ def run(
     k: int,
     max_new_tokens: int,
     warmup_tokens: int = 8,
+    *,
+    oracle: bool = False,
+    static_cache: bool = False,
+    compile: bool = False,
+    ks: list[int] | None = None,
 ) -> dict[str, Any]:
-    """Time every method on every prompt in one process; tokens/s, ratios and token identity."""
-    runners = _runners(target, draft, k)
+    """Time every method on every prompt in one process; tokens/s, ratios and token identity.
+
+    oracle adds lab's loop driven by the oracle drafter; static_cache (compile) adds lab's loops
+    on a StaticCache (captured as CUDA graphs); ks measures the oracle's speed-up against its
+    bound (K+1) * t_decode / t_verify(K+1) for each K, on every lab cache path.
+    """
+    table = methods(draft.name, oracle, static_cache, compile)
+    baselines: Baselines = {"lab_baseline": {}, "lab_baseline_static": {}}
+    engine = None
+    if static_cache or compile:
+        engine = _static_engine(target, prompts, [k, *(ks or [])], max_new_tokens, compile)
+    runners = _runners(target, draft, k, engine, baselines)
     clock = Clock(target.device)
-    seconds = dict.fromkeys(METHODS, 0.0)
-    tokens: dict[str, list[list[int]]] = {m: [] for m in METHODS}
-    lab_results: dict[str, list[Any]] = {"lab_baseline": [], "lab_speculative": []}
+    seconds = dict.fromkeys(table, 0.0)
+    tokens: dict[str, list[list[int]]] = {m: [] for m in table}
+    lab_results: dict[str, list[PromptResult]] = {m: [] for m in table}
+
+    def token_ids(method: str, ids: list[int], out: Any) -> list[int]:
+        """A method's new token ids; a lab baseline's result is also its oracle's continuation."""
+        if not isinstance(out, PromptResult):
+            return list(out)
+        if method in baselines:
+            baselines[method][tuple(ids)] = out
+        return out.token_ids
+
+    def prepare(method: str, ids: list[int], n: int) -> None:
+        """Untimed set-up a method needs on this prompt (the oracle settling on it)."""
+        runner = runners[method]
+        if isinstance(runner, OracleMethod):
+            runner.prepare(ids, n)
+
     with assistant_schedule(draft, k):
-        for method in METHODS:  # warm-up: first calls pay one-off allocation and dispatch costs
-            runners[method](prompts[0], warmup_tokens)
+        for method in table:  # warm-up: first calls pay one-off allocation and dispatch costs
+            prepare(method, prompts[0], warmup_tokens)
+            token_ids(method, prompts[0], runners[method](prompts[0], warmup_tokens))
         for ids in tqdm(prompts, desc="bench prompts", unit="prompt"):
-            for method in METHODS:
+            for method in table:
+                prepare(method, ids, max_new_tokens)
                 start = clock.now()
                 out = runners[method](ids, max_new_tokens)
                 seconds[method] += (clock.now() - start) / 1000.0
-                if method in lab_results:
+                if isinstance(out, PromptResult):
                     lab_results[method].append(out)
-                    out = out.token_ids
-                tokens[method].append(out)
-    tps = {m: sum(map(len, tokens[m])) / seconds[m] for m in METHODS}
+                tokens[method].append(token_ids(method, ids, out))
+    tps = {m: sum(map(len, tokens[m])) / seconds[m] for m in table}
     reference = tokens["hf_generate"]
-    return {
+    summaries = {
+        m: _method_summary(m, spec, tokens[m], seconds[m], lab_results[m], reference, tps)
+        for m, spec in table.items()
+    }
+    for m, runner in runners.items():
+        if isinstance(runner, OracleMethod) and m in summaries:
+            summaries[m]["settle_passes"] = max(runner.passes)
+    limit = gpu.bandwidth_limit(target)
+    result: dict[str, Any] = {
         "target": target.name,
         "draft": draft.name,
         "device": str(target.device),
@@ -114,13 +302,71 @@ def run(
         "k": k,
         "max_new_tokens": max_new_tokens,
         "prompts": len(prompts),
+        "environment": gpu.environment(target.device),
+        "weight_bytes_per_token": gpu.weight_bytes_per_token(target.model),
+        "bandwidth_limit_tokens_per_s": limit,
         "tokens_per_s": tps,
-        "new_tokens": {m: sum(map(len, tokens[m])) for m in METHODS},
+        # Of the decode rate where lab's step records give it, else of the end-to-end rate.
+        "fraction_of_bandwidth_limit": {
+            m: (summaries[m]["decode_tokens_per_s"] or tps[m]) / limit
+            for m, spec in table.items()
+            if limit and spec.drafter is None
+        },
+        "new_tokens": {m: sum(map(len, tokens[m])) for m in table},
         "baseline_vs_hf_generate": tps["lab_baseline"] / tps["hf_generate"],
         "speculative_vs_hf_assisted": tps["lab_speculative"] / tps["hf_assisted"],
         "speculative_vs_lab_baseline": tps["lab_speculative"] / tps["lab_baseline"],
-        "identical": all(tokens[m] == reference for m in METHODS),
-        "identical_per_method": {m: tokens[m] == reference for m in METHODS},
-        "speculative_steps": _step_breakdown(lab_results["lab_speculative"]),
-        "baseline_steps": _step_breakdown(lab_results["lab_baseline"]),
+        "identical": all(tokens[m] == reference for m in table),
+        "identical_per_method": {m: tokens[m] == reference for m in table},
+        "speculative_steps": summaries["lab_speculative"]["steps"],
+        "baseline_steps": summaries["lab_baseline"]["steps"],
+        "methods": summaries,
     }
+    if engine is not None:
+        result["static"] = _static_info(engine, prompts[0], max_new_tokens)
+        result["compiled_step_tokens_per_s"] = result["static"]["compiled_step_tokens_per_s"]
+        if limit and result["compiled_step_tokens_per_s"]:
+            result["fraction_of_bandwidth_limit"]["compiled_step_replay"] = (
+                result["compiled_step_tokens_per_s"] / limit
+            )
+    if ks:
+        result["ceiling"] = _ceilings(target, engine, baselines, table, ks, max_new_tokens)
+    return result
+
+
+def _static_info(engine: StaticEngine, prompt: list[int], max_new_tokens: int) -> dict[str, Any]:
+    """The static engine's settings, compile time and its compiled step's own rate."""
+    replay = gpu.replay_rate(engine, prompt, max_new_tokens) if engine.compiled else None
+    return {
+        "compiled": engine.compiled,
+        "max_len": engine.max_len,
+        "sizes": engine.sizes,
+        "compile_s": engine.compile_s,
+        "compiled_step_tokens_per_s": replay,
+    }
+
+
+def _ceilings(
+    target: LoadedModel,
+    engine: StaticEngine | None,
+    baselines: Baselines,
+    table: dict[str, Method],
+    ks: list[int],
+    max_new_tokens: int,
+) -> dict[str, list[dict[str, Any]]]:
+    """The oracle K sweep against its bound on each lab cache path."""
+    exact = get_policy("exact")
+
+    def dynamic(oracle: gpu.OracleDrafter, k: int, ids: list[int], n: int) -> PromptResult:
+        return speculative.generate(target, oracle, exact, FixedK(k), ids, n)
+
+    out = {"dynamic": gpu.ceiling(dynamic, target, baselines["lab_baseline"], ks, max_new_tokens)}
+    if engine is not None:
+
+        def static(oracle: gpu.OracleDrafter, k: int, ids: list[int], n: int) -> PromptResult:
+            return fast.speculative(engine, oracle, exact, FixedK(k), ids, n)
+
+        static_baseline = baselines["lab_baseline_static"]
+        path = table["lab_baseline_static"].cache
+        out[path] = gpu.ceiling(static, target, static_baseline, ks, max_new_tokens)
+    return out

@@ -1,4 +1,4 @@
-"""The `lab` command: models, generate, bench, ui."""
+"""The `lab` command: models, generate, bench, ui, serve, loadtest."""
 
 from __future__ import annotations
 
@@ -6,13 +6,15 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import yaml
 
-from lab import models, packaged
+from lab import heads, models, packaged
 from lab.controllers import CONTROLLERS, make_controller
-from lab.policies import POLICIES, get_policy
+from lab.drafters import DRAFTERS, drafter_settings
+from lab.policies import POLICIES, get_policy, make_policy
 from lab.prompts import BUILTIN, CATEGORIES, Prompt, PromptError, encode, load_suite
 from lab.sampling import SamplingParams
 
@@ -20,13 +22,13 @@ DEFAULT_TARGET = "qwen2.5-coder-1.5b-instruct"
 DEFAULT_DRAFT = "qwen2.5-coder-0.5b-instruct"
 
 
-def _options(pairs: Sequence[str]) -> dict[str, Any]:
+def _options(pairs: Sequence[str], what: str = "controller") -> dict[str, Any]:
     """KEY=VALUE pairs -> dict, values parsed as YAML scalars (so 4 is an int, 0.7 a float)."""
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ValueError(f"controller option {pair!r} must look like KEY=VALUE")
+            raise ValueError(f"{what} option {pair!r} must look like KEY=VALUE")
         out[key] = yaml.safe_load(value)
     return out
 
@@ -55,9 +57,32 @@ def _parser() -> argparse.ArgumentParser:
     prep.add_argument("name", choices=list(packaged.PACKAGED))
     prep.add_argument("--force", action="store_true", help="convert again even if prepared")
 
-    g = sub.add_parser("generate", help="generate from one prompt (speculative with --draft)")
+    g = sub.add_parser(
+        "generate", help="generate from one prompt (speculative with --drafter or --draft)"
+    )
     _add_model_args(g)
-    g.add_argument("--policy", default="exact", help=f"one of {', '.join(POLICIES)}")
+    g.add_argument(
+        "--drafter", default=None, choices=list(DRAFTERS),
+        help="draft mode (default: draft_model with --draft, else plain decoding); medusa and "
+        "eagle read trained heads from --heads",
+    )  # fmt: skip
+    g.add_argument(
+        "--heads", default=None, metavar="PATH",
+        help="folder of trained heads for medusa/eagle (default: experiments/heads/<drafter>)",
+    )  # fmt: skip
+    g.add_argument(
+        "--drafter-opt", action="append", default=[], metavar="KEY=VALUE",
+        help="drafter setting, e.g. max_ngram=3 for prompt_lookup",
+    )  # fmt: skip
+    g.add_argument(
+        "--policy", default="exact",
+        help=f"one of {', '.join(POLICIES)}; exact and rejection are lossless, the others are "
+        "LOSSY (faster, but the output is no longer the target's)",
+    )  # fmt: skip
+    g.add_argument(
+        "--policy-opt", action="append", default=[], metavar="KEY=VALUE",
+        help="policy parameter: confidence tau=0.3, topk k=5, typical epsilon=0.09 delta=0.3",
+    )  # fmt: skip
     g.add_argument("--controller", default="fixed", help=f"one of {', '.join(CONTROLLERS)}")
     g.add_argument(
         "--controller-opt",
@@ -81,10 +106,82 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--categories", nargs="*", default=list(CATEGORIES))
     b.add_argument("--per-category", type=int, default=1)
     b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.add_argument(
+        "--oracle", action="store_true",
+        help="also run lab's loop with the oracle drafter (the target's own greedy output)",
+    )  # fmt: skip
+    b.add_argument(
+        "--static-cache", action="store_true",
+        help="also run lab's loops on a preallocated StaticCache",
+    )  # fmt: skip
+    b.add_argument(
+        "--compile", action="store_true",
+        help="static cache with torch.compile'd steps (CUDA graphs on GPU); implies --static-cache",
+    )  # fmt: skip
+    b.add_argument(
+        "--ks", type=int, nargs="+", default=None, metavar="K",
+        help="oracle speed-up against its bound (K+1) t_decode / t_verify(K+1) for each K",
+    )  # fmt: skip
+    b.add_argument("--warmup-tokens", type=int, default=8)
+    b.add_argument("--out", default=None, help="write flat JSON rows + raw/ here (experiments/gpu)")
+    b.add_argument("--tag", default=None, help="file prefix under --out (default: device-model)")
 
     u = sub.add_parser("ui", help="MLflow UI over this repo's runs, on 127.0.0.1")
     u.add_argument("--port", type=int, default=5000)
+    _add_http_commands(sub)
     return parser
+
+
+def _add_http_commands(sub: Any) -> None:
+    """`lab serve` and `lab loadtest`."""
+    s = sub.add_parser("serve", help="OpenAI-compatible server over lab's engine (127.0.0.1)")
+    _add_model_args(s)
+    s.set_defaults(max_new_tokens=512)  # here: the largest max_tokens a request may ask for
+    s.add_argument("--policy", default="exact", help=f"one of {', '.join(POLICIES)}")
+    s.add_argument("--controller", default="fixed", help=f"one of {', '.join(CONTROLLERS)}")
+    s.add_argument("--controller-opt", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every one)")
+    s.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    s.add_argument(
+        "--max-queue",
+        type=int,
+        default=16,
+        help="requests that may wait while one generates; beyond that, HTTP 429",
+    )
+    s.add_argument("--served-model-name", default=None, help="model id (default: the target)")
+    s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    s.add_argument(
+        "--ready-file",
+        type=Path,
+        default=None,
+        help="write the server's URL to this file once it listens",
+    )
+
+    t = sub.add_parser("loadtest", help="load-benchmark an OpenAI-compatible server")
+    t.add_argument("url", help="base URL, e.g. http://127.0.0.1:8000")
+    t.add_argument("--model", default=None, help="model field (default: first of /v1/models)")
+    t.add_argument(
+        "--tokenizer",
+        default=None,
+        help="lab model whose tokenizer counts tokens when the server sends no usage",
+    )
+    t.add_argument("--requests", type=int, default=12, help="measured requests")
+    t.add_argument("--concurrency", type=int, default=1, help="in flight at once; 0: no limit")
+    t.add_argument("--rate", type=float, default=None, help="requests/s, Poisson arrivals")
+    t.add_argument("--warmup", type=int, default=1, help="discarded requests sent first")
+    t.add_argument("--endpoint", choices=("chat", "completions"), default="chat")
+    t.add_argument("--no-stream", action="store_true")
+    t.add_argument("--max-tokens", type=int, default=64)
+    t.add_argument("--temperature", type=float, default=0.0)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--timeout", type=float, default=120.0, help="s without a byte = stalled")
+    t.add_argument("--retries", type=int, default=3)
+    t.add_argument("--extra", default=None, help="JSON merged into every request body")
+    t.add_argument("--prompts", default=BUILTIN, help="prompt suite: builtin or a question.jsonl")
+    t.add_argument("--categories", nargs="*", default=list(CATEGORIES))
+    t.add_argument("--per-category", type=int, default=2)
+    t.add_argument("--out", type=Path, default=None, help="write the records to this folder")
+    t.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
 
 
 def _cmd_models(args: argparse.Namespace) -> None:
@@ -110,32 +207,47 @@ def _load_pair(args: argparse.Namespace) -> tuple[models.LoadedModel, models.Loa
     return target, models.load(args.draft, **load) if args.draft else None
 
 
+def _generate_drafter(args: argparse.Namespace) -> tuple[str | None, dict[str, Any]]:
+    """The --drafter to run (None: plain decoding) and its checked settings."""
+    name = args.drafter or ("draft_model" if args.draft else None)
+    if name is None:
+        return None, {}
+    if args.draft and name != "draft_model":
+        raise ValueError(f"--draft is a draft model for --drafter draft_model, not {name}")
+    if name == "draft_model" and not args.draft:
+        args.draft = DEFAULT_DRAFT
+    options = _options(args.drafter_opt, "drafter")
+    if name in heads.KINDS:
+        options.setdefault("heads", args.heads or f"experiments/heads/{name}")
+        heads.read_info(options["heads"], args.target, name)
+    elif args.heads:
+        raise ValueError(f"--heads is for --drafter medusa or eagle, not {name}")
+    return name, drafter_settings(name, **options)
+
+
 def _cmd_generate(args: argparse.Namespace) -> None:
     from lab import decode, speculative
-    from lab.drafters import DraftModel
+    from lab.experiment import Method, make_drafter
 
     # Everything that can be wrong with the arguments is checked before a model loads.
-    policy = get_policy(args.policy)
+    policy = make_policy(args.policy, **_options(args.policy_opt, "policy"))
     controller = make_controller(args.controller, args.k, **_options(args.controller_opt))
     params = SamplingParams(args.temperature, args.top_k, args.top_p)
     if not args.prompt.strip():
         raise PromptError("the prompt is empty")
+    drafter, settings = _generate_drafter(args)
     target, draft = _load_pair(args)
     chat = False if args.no_chat_template else None
     ids = encode(Prompt("cli", "cli", (args.prompt,)), target.tokenizer, chat)
-    if draft is None:
+    if drafter is None:
         result = decode.generate(target, ids, args.max_new_tokens, params, args.seed)
     else:
+        method = Method(drafter, args.policy, args.k, drafter_params=settings)
+        source = heads.load(settings["heads"], target, drafter) if drafter in heads.KINDS else draft
         result = speculative.generate(
-            target,
-            DraftModel(draft),
-            policy,
-            controller,
-            ids,
-            args.max_new_tokens,
-            params,
-            args.seed,
-        )
+            target, make_drafter(method, target, source), policy, controller, ids,
+            args.max_new_tokens, params, args.seed,
+        )  # fmt: skip
     if args.json:
         print(json.dumps(result.to_dict()))
         return
@@ -158,25 +270,60 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     )
 
 
-def _cmd_bench(args: argparse.Namespace) -> None:
-    from lab import bench
+def _load_bench_pair(args: argparse.Namespace) -> tuple[models.LoadedModel, models.LoadedModel]:
+    """_load_pair for bench, which also takes the random real-shape models of lab.gpu."""
+    from lab import gpu
 
-    make_controller("fixed", args.k)  # validates K
+    gpu.check_name(args.target)
+    gpu.check_name(args.draft)
+    gpu.check_pair(args.target, args.draft, args.trust_remote_code)
+    load = {"device": args.device, "dtype": args.dtype, "trust_remote_code": args.trust_remote_code}
+    return gpu.load(args.target, **load), gpu.load(args.draft, **load)
+
+
+def _cmd_bench(args: argparse.Namespace) -> None:
+    from lab import bench, gpu
+
+    for k in [args.k, *(args.ks or [])]:
+        make_controller("fixed", k)  # validates every K
+    if args.warmup_tokens <= 0:
+        raise ValueError(f"--warmup-tokens must be a positive integer, got {args.warmup_tokens}")
     prompts = load_suite(args.prompts, args.categories, args.per_category)
-    target, draft = _load_pair(args)
-    assert draft is not None
+    target, draft = _load_bench_pair(args)
     ids = [encode(p, target.tokenizer) for p in prompts]
-    result = bench.run(target, draft, ids, args.k, args.max_new_tokens)
+    result = bench.run(
+        target, draft, ids, args.k, args.max_new_tokens, args.warmup_tokens,
+        oracle=args.oracle, static_cache=args.static_cache, compile=args.compile, ks=args.ks,
+    )  # fmt: skip
+    if args.out:
+        tag = args.tag or gpu.default_tag(result)
+        for path in gpu.write(result, Path(args.out), tag):
+            print(f"wrote {path}", file=sys.stderr)
     if args.json:
         print(json.dumps(result))
         return
-    for method, tps in result["tokens_per_s"].items():
-        print(f"{method:16} {tps:8.2f} tokens/s")
+    fractions = result["fraction_of_bandwidth_limit"]
+    for method, info in result["methods"].items():
+        decode = info["decode_tokens_per_s"]
+        line = f"{method:30} {info['tokens_per_s']:8.2f} tokens/s"
+        line += f", decoding {decode:8.2f}" if decode else ""
+        line += f" ({fractions[method]:.3f} of the bandwidth limit)" if method in fractions else ""
+        print(line)
+    if result.get("compiled_step_tokens_per_s"):
+        replay = result["compiled_step_tokens_per_s"]
+        print(f"{'compiled step, replayed':30} {replay:8.2f} tokens/s")
     print(f"lab baseline / HF generate:       {result['baseline_vs_hf_generate']:.3f}x")
     print(f"lab speculative / HF assisted:    {result['speculative_vs_hf_assisted']:.3f}x")
     print(f"lab speculative / lab baseline:   {result['speculative_vs_lab_baseline']:.3f}x")
     print(f"every output token-identical to greedy: {result['identical']}")
     print("speculative step (ms):", json.dumps(result["speculative_steps"]))
+    for path, sweep in result.get("ceiling", {}).items():
+        for row in sweep:
+            print(
+                f"oracle on {path}, K={row['k']}: speed-up {row['speedup']:.2f}x "
+                f"(decoding {row['decode_speedup']:.2f}x), bound {row['bound']:.2f}x, "
+                f"acceptance {row['acceptance_rate']:.2f}"
+            )
 
 
 def _cmd_ui(args: argparse.Namespace) -> None:
@@ -194,11 +341,59 @@ def _cmd_ui(args: argparse.Namespace) -> None:
     subprocess.run(cmd, env=env, check=True)
 
 
+def _cmd_serve(args: argparse.Namespace) -> None:
+    import torch
+
+    from lab import server
+    from lab.experiment import Method
+
+    get_policy(args.policy)
+    options = _options(args.controller_opt)
+    make_controller(args.controller, args.k, **options)
+    if args.max_queue < 0 or args.max_new_tokens <= 0:
+        raise ValueError("--max-queue must be >= 0 and --max-new-tokens positive")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    target, draft = _load_pair(args)
+    method = (
+        Method("draft_model", args.policy, args.k, args.controller, options) if draft else Method()
+    )
+    engine = server.Engine(target, draft, method, args.max_queue)
+    settings = server.Settings(args.served_model_name or target.name, args.max_new_tokens)
+    server.serve(server.create_app(engine, settings), args.host, args.port, args.ready_file)
+
+
+def _cmd_loadtest(args: argparse.Namespace) -> None:
+    import asyncio
+
+    from lab import http
+
+    spec = http.LoadSpec(args.requests, args.concurrency or None, args.rate, args.warmup, args.seed)
+    config = http.ClientConfig(args.url, args.model, args.timeout, retries=args.retries)
+    extra = json.loads(args.extra or "{}")
+    template = http.Request("", args.endpoint == "chat", not args.no_stream, args.max_tokens,
+                            args.temperature, args.seed, extra)  # fmt: skip
+    prompts = load_suite(args.prompts, args.categories, args.per_category)
+    tokenizer = models.load_tokenizer(args.tokenizer) if args.tokenizer else None
+    try:
+        run = asyncio.run(http.benchmark(config, prompts, template, spec, tokenizer))
+    except http.ServerError as err:
+        raise SystemExit(f"lab: error: {err}") from None
+    metrics = http.summarize_load(run, args.seed)
+    if args.out:
+        record = {"server": args.url, "endpoint": args.endpoint, "model": config.model,
+                  "request": template.body(config.model), **vars(args)}  # fmt: skip
+        http.write_run(args.out, json.loads(json.dumps(record, default=str)), run, metrics)
+    print(json.dumps(metrics) if args.json else http.format_summary(metrics))
+    for error in run.errors[:5]:
+        print(f"request {error['request_index']}: {error['message']}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `lab` console script."""
     args = _parser().parse_args(argv)
     commands = {"models": _cmd_models, "generate": _cmd_generate, "bench": _cmd_bench,
-                "ui": _cmd_ui}  # fmt: skip
+                "ui": _cmd_ui, "serve": _cmd_serve, "loadtest": _cmd_loadtest}  # fmt: skip
     try:
         commands[args.command](args)
     except (ValueError, packaged.ModelPackageError) as err:

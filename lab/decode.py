@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import psutil
@@ -41,6 +42,17 @@ def forward(
     return out.logits[0]
 
 
+def forward_hidden(
+    model: PreTrainedModel, input_ids: torch.Tensor, cache: DynamicCache, keep: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """forward() that also returns the (n, H) last hidden states (after the final norm)."""
+    out = model(
+        input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=keep,
+        output_hidden_states=True,
+    )  # fmt: skip
+    return out.logits[0], out.hidden_states[-1][0]
+
+
 def rollback(cache: DynamicCache, length: int) -> None:
     """Drop cached positions at or past length (transformers >= 5.24 crops by a negative count)."""
     extra = cache.get_seq_length() - length
@@ -62,6 +74,9 @@ class Session:
     steps: list[StepRecord] = field(default_factory=list)
     peak_rss: float = 0.0
     stop_reason: str = "length"
+    # Called with each batch of kept tokens as it is emitted (lab serve streams from here).
+    on_tokens: Callable[[list[int]], None] | None = None
+    prompt_hidden: torch.Tensor | None = None  # (T, H), when start_session was asked for it
 
     @property
     def done(self) -> bool:
@@ -80,6 +95,8 @@ class Session:
                 self.stop_reason = "eos"
                 break
         self.new_ids.extend(kept)
+        if self.on_tokens is not None and kept:
+            self.on_tokens(kept)
         return len(kept)
 
     def record(self, **fields: float | int) -> None:
@@ -106,29 +123,54 @@ class Session:
         )
 
 
-def check_generation_args(max_new_tokens: int, prompt_ids: list[int]) -> None:
-    """Reject arguments that cannot produce a generation."""
+def context_length(lm: LoadedModel) -> int | None:
+    """How many positions the model can attend over, when its config says."""
+    return getattr(lm.model.config, "max_position_embeddings", None)
+
+
+def check_generation_args(lm: LoadedModel, max_new_tokens: int, prompt_ids: list[int]) -> None:
+    """Reject arguments that cannot produce a generation, before any forward runs."""
     if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if not prompt_ids:
         raise ValueError("the prompt is empty: give at least one token")
+    limit = context_length(lm)
+    if limit is not None and len(prompt_ids) + max_new_tokens > limit:
+        raise ValueError(
+            f"prompt of {len(prompt_ids)} tokens + max_new_tokens {max_new_tokens} exceeds "
+            f"{lm.name}'s context of {limit} tokens: shorten the prompt or max_new_tokens"
+        )
 
 
 def start_session(
-    lm: LoadedModel, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams, seed: int
+    lm: LoadedModel,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    params: SamplingParams,
+    seed: int,
+    on_tokens: Callable[[list[int]], None] | None = None,
+    *,
+    hidden: bool = False,
 ) -> tuple[Session, DynamicCache, float]:
-    """Steps 0: prefill the target on the prompt and emit the first token; (session, cache, ms)."""
-    check_generation_args(max_new_tokens, prompt_ids)
+    """Step 0: prefill the target on the prompt and emit the first token; (session, cache, ms).
+
+    hidden=True also keeps the prompt's last hidden states in session.prompt_hidden.
+    """
+    check_generation_args(lm, max_new_tokens, prompt_ids)
     clock = Clock(lm.device)
     if clock.cuda:
         torch.cuda.reset_peak_memory_stats()
     start = clock.now()
     session = Session(
-        lm, prompt_ids, max_new_tokens, Sampler(params, seed, lm.device), clock, start
-    )
+        lm, prompt_ids, max_new_tokens, Sampler(params, seed, lm.device), clock, start,
+        on_tokens=on_tokens,
+    )  # fmt: skip
     cache = DynamicCache(config=lm.model.config)
     ids = torch.tensor([prompt_ids], device=lm.device)  # (1, T)
-    logits = forward(lm.model, ids, cache, keep=1)  # (1, V)
+    if hidden:
+        logits, session.prompt_hidden = forward_hidden(lm.model, ids, cache, keep=1)
+    else:
+        logits = forward(lm.model, ids, cache, keep=1)  # (1, V)
     session.emit([int(session.sampler.choose(logits[-1]))])
     return session, cache, clock.now() - start
 
@@ -140,10 +182,11 @@ def generate(
     max_new_tokens: int,
     params: SamplingParams | None = None,
     seed: int = 0,
+    on_tokens: Callable[[list[int]], None] | None = None,
 ) -> PromptResult:
     """Plain autoregressive decoding: one target forward per new token."""
     session, cache, prefill_ms = start_session(
-        lm, prompt_ids, max_new_tokens, params or SamplingParams(), seed
+        lm, prompt_ids, max_new_tokens, params or SamplingParams(), seed, on_tokens
     )
     while not session.done:
         t0 = session.clock.now()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,17 @@ from tqdm import tqdm
 
 from lab import decode, speculative
 from lab.controllers import make_controller
-from lab.drafters import Drafter, DraftModel
+from lab.drafters import (
+    Drafter,
+    DraftModel,
+    EagleDrafter,
+    MedusaDrafter,
+    PromptLookup,
+    drafter_settings,
+)
+from lab.heads import EagleHead, MedusaHeads, vocab_size
 from lab.models import LoadedModel
-from lab.policies import get_policy
+from lab.policies import make_policy
 from lab.prompts import Prompt, encode
 from lab.records import PromptResult
 from lab.sampling import SamplingParams
@@ -39,44 +48,59 @@ class Method:
     k: int = 0
     controller: str = "fixed"
     controller_params: dict[str, Any] = field(default_factory=dict)
+    policy_params: dict[str, Any] = field(default_factory=dict)
+    drafter_params: dict[str, Any] = field(default_factory=dict)
 
     @property
     def baseline(self) -> bool:
         return self.drafter == "none"
 
 
-def make_drafter(method: Method, draft: LoadedModel | None) -> Drafter:
-    """The drafter a method names; unknown names list the valid ones."""
-    if method.drafter == "draft_model":
-        if draft is None:
-            raise ValueError("drafter 'draft_model' needs a draft model (models.draft)")
+# What a drafter runs on: the draft model, trained heads (lab.heads.load), or nothing.
+DraftSource = LoadedModel | MedusaHeads | EagleHead | None
+
+
+def make_drafter(method: Method, target: LoadedModel, draft: DraftSource) -> Drafter:
+    """A fresh drafter for the method; unknown names list the valid ones."""
+    name = method.drafter
+    settings = drafter_settings(name, **method.drafter_params)
+    if name == "prompt_lookup":
+        return PromptLookup(vocab_size(target.model), settings["max_ngram"], target.device)
+    if name == "draft_model" and isinstance(draft, LoadedModel):
         return DraftModel(draft)
-    raise ValueError(f"unknown drafter {method.drafter!r}: use one of none, draft_model")
+    if name == "medusa" and isinstance(draft, MedusaHeads):
+        return MedusaDrafter(target, draft)
+    if name == "eagle" and isinstance(draft, EagleHead):
+        return EagleDrafter(target, draft)
+    what = "a draft model (models.draft)" if name == "draft_model" else f"trained {name} heads"
+    raise ValueError(f"drafter {name!r} needs {what}, got {type(draft).__name__}")
 
 
 def generate_one(
     method: Method,
     target: LoadedModel,
-    draft: LoadedModel | None,
+    draft: DraftSource,
     ids: list[int],
     max_new_tokens: int,
     sampling: SamplingParams,
     seed: int,
+    on_tokens: Callable[[list[int]], None] | None = None,
 ) -> PromptResult:
     """One prompt under one method (fresh drafter and controller state)."""
     if method.baseline:
-        return decode.generate(target, ids, max_new_tokens, sampling, seed)
+        return decode.generate(target, ids, max_new_tokens, sampling, seed, on_tokens)
     controller = make_controller(method.controller, method.k, **method.controller_params)
+    policy = make_policy(method.policy, **method.policy_params)
     return speculative.generate(
-        target, make_drafter(method, draft), get_policy(method.policy), controller,
-        ids, max_new_tokens, sampling, seed,
+        target, make_drafter(method, target, draft), policy, controller,
+        ids, max_new_tokens, sampling, seed, on_tokens,
     )  # fmt: skip
 
 
 def run(
     method: Method,
     target: LoadedModel,
-    draft: LoadedModel | None,
+    draft: DraftSource,
     prompts: list[Prompt],
     max_new_tokens: int,
     sampling: SamplingParams,
@@ -87,6 +111,11 @@ def run(
 ) -> list[dict[str, Any]]:
     """Every prompt, `repetitions` times, after `warmup` discarded runs; one row per generation."""
     encoded = [encode(p, target.tokenizer) for p in prompts]
+    for prompt, ids in zip(prompts, encoded, strict=True):  # fail before any prompt runs
+        try:
+            decode.check_generation_args(target, max_new_tokens, ids)
+        except ValueError as err:
+            raise ValueError(f"prompt {prompt.question_id} ({prompt.category}): {err}") from err
     for _ in range(warmup):  # first calls pay one-off allocation and dispatch costs
         generate_one(method, target, draft, encoded[0], min(8, max_new_tokens), sampling, seed)
     rows = []

@@ -7,10 +7,11 @@ from typing import Any
 
 import yaml
 
-from lab import models
+from lab import heads, models
 from lab.controllers import CONTROLLERS, make_controller
-from lab.policies import POLICIES
-from lab.prompts import Prompt, PromptError, load_suite
+from lab.drafters import DRAFTERS, drafter_settings
+from lab.policies import POLICIES, make_policy
+from lab.prompts import BUILTIN_TRAIN, Prompt, PromptError, load_suite
 from lab.sampling import SamplingParams
 
 
@@ -111,6 +112,58 @@ def policy_names(params: dict[str, Any]) -> list[str]:
     return _names(params, "policies.names", POLICIES)
 
 
+def policy_settings(params: dict[str, Any], name: str) -> dict[str, Any]:
+    """policies.params.<name> (every listed policy needs an entry; {} for none), checked."""
+    _names({"policies": {"names": [name]}}, "policies.names", POLICIES)
+    settings = _get(params, f"policies.params.{name}") or {}
+    try:
+        return make_policy(name, **settings).params
+    except ValueError as err:
+        raise ParamsError(f"params.yaml: policies.params.{name}: {err}") from err
+
+
+def drafter_names(params: dict[str, Any]) -> list[str]:
+    return _names(params, "drafters.names", DRAFTERS)
+
+
+def drafter_params(params: dict[str, Any], name: str) -> dict[str, Any]:
+    """drafters.params.<name> with defaults filled in (every listed drafter needs an entry)."""
+    _names({"drafters": {"names": [name]}}, "drafters.names", DRAFTERS)
+    settings = _get(params, f"drafters.params.{name}") or {}
+    try:
+        resolved = drafter_settings(name, **settings)
+    except ValueError as err:
+        raise ParamsError(f"params.yaml: drafters.params.{name}: {err}") from err
+    if name in heads.KINDS and resolved["heads"] is None:
+        raise ParamsError(
+            f"params.yaml: drafters.params.{name}.heads is missing: the folder of the trained "
+            f"heads (experiments/heads/{name}, written by the heads stage)"
+        )
+    return resolved
+
+
+def distill_prompts(params: dict[str, Any]) -> list[Prompt]:
+    """The distill stage's prompts: builtin-train, disjoint from the benchmark's."""
+    per = _get(params, "distill.per_category")
+    if per != "full":
+        per = _positive_int(params, "distill.per_category")
+    _positive_int(params, "distill.max_new_tokens")
+    _positive_int(params, "distill.batch_size")
+    return load_suite(BUILTIN_TRAIN, None, None if per == "full" else per)
+
+
+def head_settings(params: dict[str, Any], kind: str) -> heads.Settings:
+    """heads.<kind> as training settings; heads.heldout checked too."""
+    _names({"heads": {"names": [kind]}}, "heads.names", list(heads.KINDS))
+    heldout = _get(params, "heads.heldout")
+    if not isinstance(heldout, float) or not 0.0 < heldout < 1.0:
+        raise ParamsError(f"params.yaml: heads.heldout must be a share in (0, 1), got {heldout!r}")
+    try:
+        return heads.make_settings(kind, **(_get(params, f"heads.{kind}") or {}))
+    except ValueError as err:
+        raise ParamsError(f"params.yaml: heads.{kind}: {err}") from err
+
+
 def controller_settings(params: dict[str, Any], name: str) -> dict[str, Any]:
     """adaptive.params.<name> (may be absent), checked by building the controller once."""
     _names({"adaptive": {"controllers": [name]}}, "adaptive.controllers", CONTROLLERS)
@@ -133,6 +186,12 @@ def validate(params: dict[str, Any]) -> None:
     sampling(params)
     prompts(params)
     k_values(params)
-    policy_names(params)
+    for name in policy_names(params):
+        policy_settings(params, name)
+    for name in drafter_names(params):
+        drafter_params(params, name)
+    distill_prompts(params)
+    for kind in _names(params, "heads.names", list(heads.KINDS)):
+        head_settings(params, kind)
     for name in _names(params, "adaptive.controllers", CONTROLLERS):
         controller_settings(params, name)

@@ -18,11 +18,10 @@ import psutil
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, NullFormatter, ScalarFormatter
 
-from lab import experiment
+from lab import experiment, summary
 from lab import params as P
 from lab.experiment import Item
 from lab.policies import POLICIES
-from lab.summary import paired_speedup, per_prompt
 
 # Stages whose items are decoding runs, in report order.
 STAGES = ("baseline", "ksweep", "policies", "drafters", "adaptive")
@@ -287,65 +286,6 @@ def _first(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[frame["repetition"] == 0]
 
 
-# --- statistics not (yet) in lab.summary: MOVE TO lab.summary ----------------------------------
-
-
-def acceptance_ci(steps: pd.DataFrame, seed: int, n: int) -> tuple[float, float, float]:
-    """MOVE TO lab.summary. sum(accepted)/sum(proposed) with a bootstrap 95% CI over prompts."""
-    sums = _first(steps).groupby("question_id")[["accepted", "proposed"]].sum()
-    accepted, proposed = sums["accepted"].to_numpy(), sums["proposed"].to_numpy()
-    picks = np.random.default_rng(seed).integers(0, len(sums), size=(n, len(sums)))  # (n, prompts)
-    with np.errstate(invalid="ignore", divide="ignore"):  # a resample may propose nothing
-        ratios = accepted[picks].sum(axis=1) / proposed[picks].sum(axis=1)
-    low, high = np.nanpercentile(ratios, [2.5, 97.5])
-    return float(accepted.sum() / proposed.sum()), float(low), float(high)
-
-
-def acceptance_by_position(steps: pd.DataFrame) -> pd.DataFrame:
-    """MOVE TO lab.summary. P(draft position i accepted | at least i proposed), i = 1..max K."""
-    first = _first(steps)
-    positions = np.arange(1, int(first["proposed"].max()) + 1)
-    # Acceptance is a prefix: position i is kept iff accepted >= i.  (steps, positions)
-    offered = first["proposed"].to_numpy()[:, None] >= positions
-    kept = first["accepted"].to_numpy()[:, None] >= positions
-    return pd.DataFrame(
-        {
-            "position": positions,
-            "proposed": offered.sum(axis=0),
-            "acceptance": kept.sum(axis=0) / offered.sum(axis=0),
-        }
-    )
-
-
-def category_speedups(method: Item, baseline: Item, seed: int) -> pd.DataFrame:
-    """MOVE TO lab.summary. Paired speed-up per category, on that category's prompts only."""
-    mine, base = per_prompt(method.rows), per_prompt(baseline.rows)
-    rows = []
-    for category in base["category"].unique():
-        pair = mine[mine["category"] == category], base[base["category"] == category]
-        paired = len(pair[0].index.intersection(pair[1].index))
-        if paired:
-            rows.append({"category": category, "prompts": paired,
-                         **paired_speedup(pair[0], pair[1], seed)})  # fmt: skip
-    return pd.DataFrame(rows)
-
-
-def oracle_regret(controller: Item, fixed: list[Item]) -> float:
-    """MOVE TO lab.summary. Controller time / time with the best fixed K per prompt, minus 1."""
-    times = pd.concat([per_prompt(i.rows)["total_ms"] for i in fixed], axis=1, join="inner")
-    mine = per_prompt(controller.rows)["total_ms"]
-    common = times.index.intersection(mine.index)
-    return float(mine[common].sum() / times.loc[common].min(axis=1).sum() - 1.0)
-
-
-def pooled_perplexity(outputs: pd.DataFrame) -> float:
-    """MOVE TO lab.summary. Token-weighted perplexity over outputs: exp(sum(n log ppl) / sum(n))."""
-    scored = outputs[outputs["tokens"] > 0]
-    return math.exp(
-        (scored["tokens"] * np.log(scored["perplexity"])).sum() / scored["tokens"].sum()
-    )
-
-
 # --- formatting ------------------------------------------------------------------------------
 
 
@@ -441,7 +381,7 @@ def _spec_row(item: Item, settings: Settings) -> dict[str, Any]:
     """The columns every speculative table draws from (metrics.json plus an acceptance CI)."""
     m = item.metrics
     acc = (
-        acceptance_ci(item.steps, settings.seed, settings.bootstrap_samples)
+        summary.acceptance_ci(item.steps, settings.seed, settings.bootstrap_samples)
         if m["acceptance_rate"] is not None
         else (None, None, None)
     )
@@ -682,7 +622,7 @@ def _perplexity_by_item(results: Results) -> pd.DataFrame:
         return pd.DataFrame(columns=["stage", "item", "tokens", "perplexity", "pooled_perplexity"])
     grouped = outputs.groupby(["stage", "item"], sort=False)
     frame = grouped.agg(tokens=("tokens", "sum"), perplexity=("perplexity", "mean"))
-    frame["pooled_perplexity"] = grouped.apply(pooled_perplexity)
+    frame["pooled_perplexity"] = grouped.apply(summary.pooled_perplexity)
     return frame.reset_index()
 
 
@@ -846,7 +786,9 @@ def controllers_section(results: Results, settings: Settings) -> Section:
         data["best_fixed_k"] = int(_method(best)["k"])
         data["best_fixed_speedup"] = float(best.metrics["speedup"])
         data["regret"] = data["best_fixed_speedup"] / data["speedup"] - 1.0
-        data["regret_oracle"] = [oracle_regret(i, fixed) for i in items]
+        data["regret_oracle"] = [
+            summary.oracle_regret(i.rows, [f.rows for f in fixed]) for i in items
+        ]
     else:
         section.text.append(_none("no K sweep, so no regret against the best fixed K"))
     section.tables.append(make_table("controllers", "K controllers and their regret", data))
@@ -883,7 +825,8 @@ def categories_section(results: Results, settings: Settings) -> Section:
         section.text.append(_none("needs the baseline and at least one speculative configuration"))
         return section
     frames = [
-        category_speedups(i, base, settings.seed).assign(configuration=label(i)) for i in items
+        summary.category_speedups(i.rows, base.rows, settings.seed).assign(configuration=label(i))
+        for i in items
     ]
     data = pd.concat(frames, ignore_index=True)
     data = data[["configuration", "category", "prompts", *ci("speedup")]]
@@ -1021,7 +964,7 @@ def position_section(results: Results) -> Section:
 def acceptance_positions(items: list[Item]) -> pd.DataFrame:
     """acceptance_by_position for every item that proposed anything, long form."""
     frames = [
-        acceptance_by_position(i.steps).assign(configuration=label(i))
+        summary.acceptance_by_position(i.steps).assign(configuration=label(i))
         for i in items
         if _first(i.steps)["proposed"].sum() > 0
     ]

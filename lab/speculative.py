@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from lab.controllers import Controller
-from lab.decode import forward, rollback, start_session
+from lab.decode import forward, forward_hidden, rollback, start_session
 from lab.drafters import Drafter
 from lab.models import LoadedModel
 from lab.policies import PolicySpec
@@ -23,14 +25,18 @@ def generate(
     max_new_tokens: int,
     params: SamplingParams | None = None,
     seed: int = 0,
+    on_tokens: Callable[[list[int]], None] | None = None,
 ) -> PromptResult:
     """Speculative decoding of one prompt; returns the same record shape as the baseline."""
     # 0. Prefill the target (which emits the first token) and the drafter.
     session, cache, prefill_ms = start_session(
-        target, prompt_ids, max_new_tokens, params or SamplingParams(), seed
-    )
+        target, prompt_ids, max_new_tokens, params or SamplingParams(), seed, on_tokens,
+        hidden=drafter.needs_hidden,
+    )  # fmt: skip
     t0 = session.clock.now()
     drafter.start(prompt_ids)
+    if session.prompt_hidden is not None:
+        drafter.observe(session.prompt_hidden, 0)  # (T, H): the prompt's positions 0..T-1
     draft_prefill_ms = session.clock.now() - t0
     sampler = session.sampler
     empty = torch.empty(0, dtype=torch.long, device=target.device)
@@ -41,13 +47,20 @@ def generate(
         # 1. K for this step; never draft past max_new_tokens (the last token is the target's).
         k_chosen = controller.next_k()
         k = min(k_chosen, session.remaining - 1)
-        # 2. Draft K tokens: (K,) ids on the target's device.
+        # 2. Draft up to K tokens: (P,) ids on the target's device, P <= K (a drafter may
+        # find fewer, e.g. prompt lookup without a match; P = 0 makes this a plain decode step).
         proposal = drafter.propose(sequence, k, sampler, policy.needs_draft_probs) if k else None
         draft_tokens = proposal.tokens.to(target.device) if proposal else empty
+        proposed = int(draft_tokens.shape[0])
         verify_start = session.clock.now()
-        # 3. One target forward scores all K+1 positions: (K+1, V).
-        last = torch.tensor(sequence[-1:], device=target.device)  # (1,)
-        target_logits = forward(target.model, torch.cat([last, draft_tokens])[None], cache, k + 1)
+        # 3. One target forward scores all P+1 positions: (P+1, V). Drafters that read the
+        # target's features get its (P+1, H) last hidden states, starting at position len - 1.
+        ids = torch.cat([torch.tensor(sequence[-1:], device=target.device), draft_tokens])[None]
+        if drafter.needs_hidden:
+            target_logits, hidden = forward_hidden(target.model, ids, cache, proposed + 1)
+            drafter.observe(hidden, len(sequence) - 1)
+        else:
+            target_logits = forward(target.model, ids, cache, proposed + 1)
         # 4. The policy decides how many drafts to keep and which token follows them.
         verdict = policy.fn(
             draft_tokens, proposal.probs if proposal else None, target_logits, sampler
@@ -60,10 +73,10 @@ def generate(
         rollback(cache, valid)
         drafter.rollback(valid)
         # 7. The controller learns from the step and picks the next K.
-        if k:
-            controller.update(k, verdict.accepted)
+        if proposed:
+            controller.update(proposed, verdict.accepted)
         session.record(
-            k=k_chosen, proposed=k, accepted=verdict.accepted, emitted=emitted,
+            k=k_chosen, proposed=proposed, accepted=verdict.accepted, emitted=emitted,
             draft_ms=verify_start - step_start, verify_ms=verify_end - verify_start,
             step_ms=session.clock.now() - step_start,
         )  # fmt: skip

@@ -8,7 +8,7 @@ from typing import Any
 
 import pandas as pd
 
-from lab import experiment, models, tracking
+from lab import experiment, heads, models, tracking
 from lab import params as P
 from lab.experiment import Method
 from lab.policies import get_policy
@@ -23,7 +23,7 @@ def run_config(params: dict[str, Any], method: Method) -> dict[str, Any]:
     return {
         "method": asdict(method),
         "target": P.model_name(params, "target"),
-        "draft": None if method.baseline else P.model_name(params, "draft"),
+        "draft": P.model_name(params, "draft") if method.drafter == "draft_model" else None,
         "device": params["models"].get("device"),
         "dtype": params["models"].get("dtype"),
         "prompts": params["prompts"],
@@ -45,10 +45,12 @@ def _generate(params: dict[str, Any], method: Method, desc: str) -> list[dict[st
     """Load the models a method needs and run it over the prompt suite."""
     load = {"device": params["models"].get("device"), "dtype": params["models"].get("dtype")}
     target = models.load(P.model_name(params, "target"), **load)
-    draft = None
+    draft: experiment.DraftSource = None
     if method.drafter == "draft_model":
         models.check_pair(target.name, P.model_name(params, "draft"))
         draft = models.load(P.model_name(params, "draft"), **load)
+    elif method.drafter in heads.KINDS:
+        draft = heads.load(method.drafter_params["heads"], target, kind=method.drafter)
     return experiment.run(
         method, target, draft, P.prompts(params), params["generation"]["max_new_tokens"],
         P.sampling(params), params["seed"], params["run"]["repetitions"], params["run"]["warmup"],

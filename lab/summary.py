@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -92,3 +93,59 @@ def summarize(
     if c is not None and out["acceptance_rate"] is not None and out["mean_k"]:
         out["predicted_speedup"] = predicted_speedup(out["acceptance_rate"], out["mean_k"], c)
     return out
+
+
+def acceptance_ci(steps: pd.DataFrame, seed: int, n: int) -> tuple[float, float, float]:
+    """sum(accepted)/sum(proposed) with a bootstrap 95% CI over prompts."""
+    sums = steps[steps["repetition"] == 0].groupby("question_id")[["accepted", "proposed"]].sum()
+    accepted, proposed = sums["accepted"].to_numpy(), sums["proposed"].to_numpy()
+    picks = np.random.default_rng(seed).integers(0, len(sums), size=(n, len(sums)))  # (n, prompts)
+    with np.errstate(invalid="ignore", divide="ignore"):  # a resample may propose nothing
+        ratios = accepted[picks].sum(axis=1) / proposed[picks].sum(axis=1)
+    low, high = np.nanpercentile(ratios, [2.5, 97.5])
+    return float(accepted.sum() / proposed.sum()), float(low), float(high)
+
+
+def acceptance_by_position(steps: pd.DataFrame) -> pd.DataFrame:
+    """P(draft position i accepted | at least i proposed), i = 1..max K."""
+    first = steps[steps["repetition"] == 0]
+    positions = np.arange(1, int(first["proposed"].max()) + 1)
+    # Acceptance is a prefix: position i is kept iff accepted >= i.  (steps, positions)
+    offered = first["proposed"].to_numpy()[:, None] >= positions
+    kept = first["accepted"].to_numpy()[:, None] >= positions
+    return pd.DataFrame(
+        {
+            "position": positions,
+            "proposed": offered.sum(axis=0),
+            "acceptance": kept.sum(axis=0) / offered.sum(axis=0),
+        }
+    )
+
+
+def category_speedups(method: pd.DataFrame, baseline: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """Paired speed-up per category, on that category's prompts only (rows as in prompts.jsonl)."""
+    mine, base = per_prompt(method), per_prompt(baseline)
+    rows = []
+    for category in base["category"].unique():
+        pair = mine[mine["category"] == category], base[base["category"] == category]
+        paired = len(pair[0].index.intersection(pair[1].index))
+        if paired:
+            rows.append({"category": category, "prompts": paired,
+                         **paired_speedup(pair[0], pair[1], seed)})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def oracle_regret(controller: pd.DataFrame, fixed: list[pd.DataFrame]) -> float:
+    """Controller time / time with the best fixed K per prompt, minus 1 (prompts.jsonl rows)."""
+    times = pd.concat([per_prompt(rows)["total_ms"] for rows in fixed], axis=1, join="inner")
+    mine = per_prompt(controller)["total_ms"]
+    common = times.index.intersection(mine.index)
+    return float(mine[common].sum() / times.loc[common].min(axis=1).sum() - 1.0)
+
+
+def pooled_perplexity(outputs: pd.DataFrame) -> float:
+    """Token-weighted perplexity over outputs: exp(sum(n log ppl) / sum(n))."""
+    scored = outputs[outputs["tokens"] > 0]
+    return math.exp(
+        (scored["tokens"] * np.log(scored["perplexity"])).sum() / scored["tokens"].sum()
+    )

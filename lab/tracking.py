@@ -163,6 +163,8 @@ def stage_run(
     stage: str, item: str, params: dict[str, Any], device: str = "cpu"
 ) -> Iterator[StageRun]:
     """A nested MLflow run for one stage item; ends FINISHED, FAILED or KILLED."""
+    # A stage killed by SIGKILL could not end its run: close such leftovers before starting.
+    mark_stale_runs()
     client = MlflowClient(tracking_uri())
     experiment_id = _experiment_id(client)
     session = _session()

@@ -2,9 +2,11 @@
 
 import sys
 
+from lab import params as P
 from lab import stage
 from lab.experiment import Method
 
 name = sys.argv[1]
-k = stage.load_params()["k"]
-stage.run("drafters", name, Method(name, "exact", k), reuse_from=("ksweep", "policies"))
+params = stage.load_params()
+method = Method(name, "exact", params["k"], drafter_params=P.drafter_params(params, name))
+stage.run("drafters", name, method, reuse_from=("ksweep", "policies"))

@@ -2,9 +2,11 @@
 
 import sys
 
+from lab import params as P
 from lab import stage
 from lab.experiment import Method
 
 name = sys.argv[1]
-k = stage.load_params()["k"]
-stage.run("policies", name, Method("draft_model", name, k), reuse_from=("ksweep",))
+params = stage.load_params()
+method = Method("draft_model", name, params["k"], policy_params=P.policy_settings(params, name))
+stage.run("policies", name, method, reuse_from=("ksweep",))

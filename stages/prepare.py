@@ -3,13 +3,11 @@
 import json
 from pathlib import Path
 
-from lab import packaged, tracking
+from lab import packaged
 from lab import params as P
 from lab.stage import load_params
 
 params = load_params()
-# Runs left RUNNING by a killed stage of an earlier repro end as FAILED, not silently open.
-tracking.mark_stale_runs()
 out = {}
 for role in ("target", "draft", "scorer"):
     name = P.model_name(params, role)

@@ -3,65 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-SMOKE = {
-    "models": {"target": "tiny-random-qwen2", "draft": "tiny-random-qwen2-draft",
-               "scorer": "tiny-random-qwen2", "device": "cpu", "dtype": None},
-    "prompts": {"per_category": 1},
-    "generation": {"max_new_tokens": 12},
-    "ksweep": {"ks": [1, 2, 4]},
-    "perplexity": {"window": 128, "stride": 64, "corpus_chars": 2000},
-}  # fmt: skip
-
-
-def _tracked_files() -> list[str]:
-    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True,
-                         capture_output=True, text=True).stdout  # fmt: skip
-    return [line for line in out.splitlines() if (ROOT / line).is_file()]
-
-
-def smoke_params(params: dict) -> dict:
-    """params.yaml of the repo with the smoke profile laid over it."""
-    for section, values in SMOKE.items():
-        params[section].update(values)
-    return params
-
-
-def run(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, (
-        f"{cmd} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-    )
-    return result
+from tests.smoke import make_repo, run
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     """A fresh copy of the project with the smoke params, after one full `dvc repro`."""
-    repo = tmp_path_factory.mktemp("smoke")
-    for name in _tracked_files():
-        if not name.startswith(("experiments/", "reports/", "dvc.lock")):
-            (repo / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(ROOT / name, repo / name)
-    params = smoke_params(yaml.safe_load((repo / "params.yaml").read_text()))
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "LAB_MLFLOW_EXPERIMENT": "smoke"}  # fmt: skip
-    env.pop("MLFLOW_TRACKING_URI", None)
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "smoke"],
-                ["dvc", "repro"]):  # fmt: skip
-        run(cmd, repo, env)
-    return repo, env
+    path = tmp_path_factory.mktemp("smoke")
+    env = make_repo(path, "smoke")
+    run(["dvc", "repro"], path, env)
+    return path, env
 
 
 def _declared_outputs(repo: Path) -> list[Path]:

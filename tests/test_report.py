@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from lab import experiment, report
+from lab import experiment, report, summary
 from lab.experiment import Method
 from lab.models import LoadedModel
 from lab.prompts import CATEGORIES, load_suite
@@ -380,7 +380,7 @@ def test_lossless_table_lists_differences() -> None:
 
 def test_acceptance_by_position_is_conditional() -> None:
     steps = pd.DataFrame({"repetition": 0, "proposed": [2, 2, 1], "accepted": [2, 0, 1]})
-    out = report.acceptance_by_position(steps).set_index("position")
+    out = summary.acceptance_by_position(steps).set_index("position")
     assert out.loc[1, "acceptance"] == pytest.approx(2 / 3)  # steps 1 and 3 kept position 1
     assert out.loc[2, "acceptance"] == pytest.approx(1 / 2)  # of the two that offered 2
 

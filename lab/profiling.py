@@ -1,0 +1,62 @@
+"""torch.profiler over decode loops: a Chrome trace, the top operators, per-step breakdowns."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+TRACE = "trace.json"
+TOP_OPS = "top_ops.csv"
+BREAKDOWN = "step_breakdown.csv"
+PHASES = ("draft_ms", "verify_ms", "accept_ms", "bookkeeping_ms")
+
+
+@contextmanager
+def profiled(out_dir: Path | None, device: torch.device, top: int = 30) -> Iterator[None]:
+    """Profile the body into out_dir (trace + top ops); None profiles nothing, at no cost."""
+    if out_dir is None:
+        yield
+        return
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities, profile_memory=True) as prof:
+        yield
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(out_dir / TRACE))
+    top_ops(prof, top).to_csv(out_dir / TOP_OPS, index=False)
+
+
+def top_ops(prof: profile, top: int) -> pd.DataFrame:
+    """The operators that took the most self time (CPU, and CUDA when profiled)."""
+    rows = [
+        {
+            "op": e.key,
+            "calls": e.count,
+            "self_cpu_ms": e.self_cpu_time_total / 1000.0,
+            "cpu_total_ms": e.cpu_time_total / 1000.0,
+            "self_device_ms": getattr(e, "self_device_time_total", 0.0) / 1000.0,
+        }
+        for e in prof.key_averages()
+    ]
+    frame = pd.DataFrame(rows)
+    sort = "self_device_ms" if frame["self_device_ms"].sum() > 0 else "self_cpu_ms"
+    return frame.sort_values(sort, ascending=False).head(top).reset_index(drop=True)
+
+
+def step_breakdown(steps: pd.DataFrame) -> dict[str, float]:
+    """Mean ms per step in each phase: draft, verify, accept/rollback and bookkeeping (the rest)."""
+    accept = steps["accept_ms"] if "accept_ms" in steps else pd.Series(0.0, index=steps.index)
+    rest = steps["step_ms"] - steps["draft_ms"] - steps["verify_ms"] - accept
+    return {
+        "draft_ms": float(steps["draft_ms"].mean()),
+        "verify_ms": float(steps["verify_ms"].mean()),
+        "accept_ms": float(accept.mean()),
+        "bookkeeping_ms": float(rest.mean()),
+        "step_ms": float(steps["step_ms"].mean()),
+    }

@@ -1,0 +1,133 @@
+"""The static-cache engine decodes exactly what the dynamic loops decode, token for token."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lab import decode, fast, gpu, models, speculative
+from lab.controllers import FixedK
+from lab.drafters import DraftModel
+from lab.models import LoadedModel
+from lab.policies import get_policy
+
+N = 40
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device: torch.cuda.is_available() is False"
+)
+
+
+def engine(lm: LoadedModel, prompt_ids: list[int], **kwargs) -> fast.StaticEngine:
+    return fast.StaticEngine(lm, fast.cache_length([prompt_ids], N, 8), **kwargs)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_static_baseline_equals_dynamic(request, name, prompt_ids):
+    lm = request.getfixturevalue(name)
+    base = decode.generate(lm, prompt_ids, N)
+    static = engine(lm, prompt_ids)
+    for _ in range(2):  # the second run reuses the cache: stale entries must stay invisible
+        out = fast.generate(static, prompt_ids, N)
+        assert out.token_ids == base.token_ids
+        assert [s.emitted for s in out.steps] == [1] * (N - 1)
+
+
+@pytest.mark.parametrize("pair", [("qwen2", "qwen2"), ("qwen2", "qwen2_draft")])
+@pytest.mark.parametrize("k", [1, 2, 5, 8])
+def test_static_speculative_equals_baseline(request, pair, k, prompt_ids):
+    # An unrelated draft is rejected almost every step, so the write position moves back
+    # nearly every step: the rollback-by-position path is what this exercises.
+    target, draft = (request.getfixturevalue(name) for name in pair)
+    base = decode.generate(target, prompt_ids, N)
+    out = fast.speculative(
+        engine(target, prompt_ids), DraftModel(draft), get_policy("exact"), FixedK(k),
+        prompt_ids, N,
+    )  # fmt: skip
+    assert out.token_ids == base.token_ids
+    if draft is target:
+        assert out.acceptance_rate == 1.0
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_fixed_sizes_pad_short_steps(qwen2, qwen2_draft, prompt_ids, k):
+    # sizes (1, 9): every verify step, tails included, is padded to 9 positions and cropped.
+    base = decode.generate(qwen2, prompt_ids, N)
+    static = engine(qwen2, prompt_ids, sizes=(1, 9))
+    for draft in (qwen2, qwen2_draft):
+        out = fast.speculative(
+            static, DraftModel(draft), get_policy("exact"), FixedK(k), prompt_ids, N
+        )
+        assert out.token_ids == base.token_ids
+
+
+def test_dynamic_engine_matches_the_library_loops(llama, llama_draft, prompt_ids):
+    base = decode.generate(llama, prompt_ids, N)
+    assert fast.generate(fast.DynamicEngine(llama), prompt_ids, N).token_ids == base.token_ids
+    spec = speculative.generate(
+        llama, DraftModel(llama_draft), get_policy("exact"), FixedK(3), prompt_ids, N
+    )
+    out = fast.speculative(
+        fast.DynamicEngine(llama), DraftModel(llama_draft), get_policy("exact"), FixedK(3),
+        prompt_ids, N,
+    )  # fmt: skip
+    assert out.token_ids == spec.token_ids == base.token_ids
+    assert [s.accepted for s in out.steps] == [s.accepted for s in spec.steps]
+
+
+def test_full_static_cache_fails_loudly(qwen2, prompt_ids):
+    static = fast.StaticEngine(qwen2, len(prompt_ids) + 4)
+    with pytest.raises(ValueError, match="static cache of .* positions is full"):
+        fast.generate(static, prompt_ids, 10)
+
+
+def test_compiling_needs_sizes(qwen2):
+    with pytest.raises(ValueError, match="needs its step sizes"):
+        fast.StaticEngine(qwen2, 64, compile=True)
+
+
+def test_hidden_state_drafters_are_refused(qwen2, prompt_ids):
+    class Hidden(DraftModel):
+        needs_hidden = True
+
+    with pytest.raises(ValueError, match="dynamic cache only"):
+        fast.speculative(
+            engine(qwen2, prompt_ids), Hidden(qwen2), get_policy("exact"), FixedK(2),
+            prompt_ids, N,
+        )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_compiled_on_cpu_equals_baseline(llama, prompt_ids):
+    # Inductor's C++ kernels: slow to build (about a minute per size), so one size per K.
+    base = decode.generate(llama, prompt_ids, N)
+    compiled = engine(llama, prompt_ids, compile=True, sizes=(1, 3))
+    compiled.warmup(prompt_ids)
+    assert fast.generate(compiled, prompt_ids, N).token_ids == base.token_ids
+    out = fast.speculative(
+        compiled, DraftModel(llama), get_policy("exact"), FixedK(2), prompt_ids, N
+    )
+    assert out.token_ids == base.token_ids and out.acceptance_rate == 1.0
+
+
+@pytest.fixture(scope="module")
+def cuda_qwen2() -> LoadedModel:
+    # fp32: compiled and eager kernels then agree far inside the tiny model's logit margins.
+    return models.load("tiny-random-qwen2", device="cuda", dtype="float32")
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("k", [1, 4])
+def test_compiled_cuda_graphs_equal_baseline(cuda_qwen2, prompt_ids, k):
+    lm = cuda_qwen2
+    base = decode.generate(lm, prompt_ids, N)
+    compiled = engine(lm, prompt_ids, compile=True, sizes=(1, k + 1))
+    compiled.warmup(prompt_ids)
+    assert compiled.compile_s > 0
+    out = fast.generate(compiled, prompt_ids, N)
+    assert out.token_ids == base.token_ids
+    assert out.peak_cuda_mb is not None and out.peak_cuda_mb > 0
+    for draft in (DraftModel(lm), gpu.oracle_for({tuple(prompt_ids): base}, lm)):
+        out = fast.speculative(compiled, draft, get_policy("exact"), FixedK(k), prompt_ids, N)
+        assert out.token_ids == base.token_ids and out.acceptance_rate == 1.0
+    assert gpu.replay_rate(compiled, prompt_ids, N) > 0

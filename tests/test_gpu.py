@@ -1,0 +1,216 @@
+"""GPU measurement pieces, checked on the CPU: oracle drafter, bound, bandwidth, rows, bench."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lab import bench, cli, decode, fast, gpu, report, speculative
+from lab.controllers import FixedK
+from lab.models import LoadedModel, ModelError
+from lab.policies import get_policy
+from lab.records import PromptResult, StepRecord
+from lab.sampling import SamplingParams
+
+N = 32
+
+
+@pytest.mark.parametrize("k", [1, 4, 8])
+@pytest.mark.parametrize("policy", ["exact", "rejection"])
+def test_oracle_is_accepted_in_full(qwen2, prompt_ids, k, policy):
+    base = decode.generate(qwen2, prompt_ids, N)
+    oracle = gpu.oracle_for({tuple(prompt_ids): base}, qwen2)
+    out = speculative.generate(qwen2, oracle, get_policy(policy), FixedK(k), prompt_ids, N)
+    assert out.token_ids == base.token_ids
+    assert out.acceptance_rate == 1.0
+    # Every full step emits K + 1 tokens; only the last step may be cut by max_new_tokens.
+    assert all(s.emitted == k + 1 for s in out.steps[:-1])
+
+
+def test_oracle_on_the_static_engine(qwen2, prompt_ids):
+    base = decode.generate(qwen2, prompt_ids, N)
+    static = fast.StaticEngine(qwen2, fast.cache_length([prompt_ids], N, 4), sizes=(1, 5))
+    oracle = gpu.oracle_for({tuple(prompt_ids): base}, qwen2)
+    out = fast.speculative(static, oracle, get_policy("exact"), FixedK(4), prompt_ids, N)
+    assert out.token_ids == base.token_ids and out.acceptance_rate == 1.0
+
+
+def test_oracle_needs_the_prompts_continuation(qwen2, prompt_ids):
+    oracle = gpu.oracle_for({}, qwen2)
+    with pytest.raises(KeyError, match="no continuation"):
+        speculative.generate(qwen2, oracle, get_policy("exact"), FixedK(2), prompt_ids, N)
+
+
+def test_oracle_leaving_the_continuation_shows_in_acceptance(qwen2, prompt_ids):
+    # Sampling leaves the greedy continuation: the oracle is then rejected, never silently right.
+    base = decode.generate(qwen2, prompt_ids, N)
+    oracle = gpu.oracle_for({tuple(prompt_ids): base}, qwen2)
+    params = SamplingParams(temperature=1.0)
+    out = speculative.generate(
+        qwen2, oracle, get_policy("exact"), FixedK(4), prompt_ids, N, params, seed=1
+    )
+    assert out.acceptance_rate is not None and out.acceptance_rate < 1.0
+
+
+@pytest.mark.parametrize("wrong_at", [0, 10, 30])
+def test_settle_adopts_the_paths_own_output(qwen2, prompt_ids, wrong_at):
+    # A reference that disagrees with the target at one position, as bf16 rounding can make it:
+    # the first pass is rejected there, the second replays the target's own output in full.
+    base = decode.generate(qwen2, prompt_ids, N)
+    reference = list(base.token_ids)
+    reference[wrong_at] = (reference[wrong_at] + 1) % 256
+
+    def run(oracle, ids, n):
+        return speculative.generate(qwen2, oracle, get_policy("exact"), FixedK(4), ids, n)
+
+    result, passes = gpu.settle(run, qwen2, prompt_ids, reference, N)
+    assert passes == 2
+    assert result.token_ids == base.token_ids and result.acceptance_rate == 1.0
+    _, passes = gpu.settle(run, qwen2, prompt_ids, reference, N, max_passes=1)
+    assert passes == 1
+
+
+def _result(verify_ms: list[float], emitted: int, total_ms: float) -> PromptResult:
+    steps = [
+        StepRecord(step=i, k=emitted - 1, proposed=emitted - 1, accepted=emitted - 1,
+                   emitted=emitted, draft_ms=0.0, verify_ms=v, step_ms=v, rss_mb=0.0)
+        for i, v in enumerate(verify_ms)
+    ]  # fmt: skip
+    tokens = list(range(len(steps) * emitted))
+    return PromptResult([1], tokens, "", 0.0, total_ms, 0.0, None, steps)
+
+
+def test_ceiling_row_is_the_bound_formula():
+    baseline = [_result([10.0] * 12, 1, 120.0)]
+    oracle = [_result([15.0] * 3, 4, 45.0)]
+    row = gpu.ceiling_row(3, baseline, oracle)
+    assert row["t_decode_ms"] == 10.0 and row["t_verify_ms"] == 15.0
+    assert row["bound"] == pytest.approx(4 * 10.0 / 15.0)
+    assert row["speedup"] == pytest.approx(120.0 / 45.0)
+    # Steps that are all verification: the decode-phase speed-up meets the bound exactly.
+    assert row["decode_speedup"] == pytest.approx(row["bound"])
+    assert gpu.decode_tokens_per_s(baseline) == pytest.approx(100.0)
+    assert row["acceptance_rate"] == 1.0 and row["identical"] is True
+
+
+def test_hbm_bandwidth_by_device_name():
+    assert gpu.hbm_bandwidth("NVIDIA H100 80GB HBM3") == 3.35e12
+    assert gpu.hbm_bandwidth("NVIDIA H200") == 4.8e12
+    assert gpu.hbm_bandwidth("NVIDIA H100 PCIe") == 2.0e12
+    assert gpu.hbm_bandwidth("Some CPU") is None
+
+
+def test_weight_bytes_count_a_tied_matrix_once(qwen2):
+    model = qwen2.model
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    embed = model.get_input_embeddings().weight
+    # The tiny models are untied: the input embedding is read one row per token.
+    untied = params - (embed.shape[0] - 1) * embed.shape[1] * embed.element_size()
+    assert gpu.weight_bytes_per_token(model) == untied
+    assert gpu.bandwidth_limit(qwen2) is None  # on the CPU: no HBM figure
+
+
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [("random-qwen2.5-1.5b", 1_543_714_304), ("random-qwen2.5-0.5b", 494_032_768)],
+)
+def test_random_shapes_match_the_released_models(name, params):
+    # Parameter counts of the released Qwen2.5 1.5B / 0.5B (tied embeddings), built on meta.
+    config = gpu.random_config(gpu.RANDOM[name], eos=258, pad=256)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert sum(p.numel() for p in model.parameters()) == params
+    assert gpu.weight_bytes_per_token(model.to(torch.bfloat16)) == 2 * params
+
+
+def test_load_random_is_seeded(monkeypatch):
+    small = gpu.RandomSpec(64, 128, layers=2, heads=4, kv_heads=2, seed=5, vocab=300)
+    monkeypatch.setitem(gpu.RANDOM, "random-small", small)
+    a, b = (gpu.load("random-small", device="cpu") for _ in range(2))
+    assert a.dtype == torch.float32 and a.eos_token_ids == (258,)
+    pairs = zip(a.model.parameters(), b.model.parameters(), strict=True)
+    assert all(torch.equal(p, q) for p, q in pairs)
+    ids = a.tokenizer.encode("hello")
+    assert decode.generate(a, ids, 8).token_ids == decode.generate(b, ids, 8).token_ids
+
+
+def test_random_models_pair_only_with_random_models():
+    gpu.check_pair("random-qwen2.5-1.5b", "random-qwen2.5-0.5b")
+    with pytest.raises(ModelError, match="do not share a tokenizer"):
+        gpu.check_pair("random-qwen2.5-1.5b", "tiny-random-qwen2")
+    with pytest.raises(ModelError, match="random real-shape model"):
+        gpu.check_name("no-such-model")
+
+
+@pytest.fixture(scope="module")
+def bench_result(qwen2: LoadedModel, prompt_ids: list[int]) -> dict:
+    prompts = [prompt_ids, prompt_ids[:20]]
+    return bench.run(qwen2, qwen2, prompts, 3, 16, oracle=True, static_cache=True, ks=[1, 2])
+
+
+def test_bench_with_oracle_and_static_cache(bench_result):
+    methods = bench_result["methods"]
+    assert set(methods) == {*bench.METHODS, bench.ORACLE, *bench.STATIC}
+    assert bench_result["identical"] is True
+    for name in ("lab_speculative_oracle", "lab_speculative_oracle_static"):
+        assert methods[name]["acceptance_rate"] == 1.0
+        assert methods[name]["drafter"] == "oracle"
+    assert methods["lab_baseline_static"]["cache"] == "static"
+    assert methods["lab_baseline_static"]["speedup_over"] == "lab_baseline"
+    assert bench_result["static"]["compiled"] is False
+    assert (
+        bench_result["environment"]["device"]
+        and bench_result["bandwidth_limit_tokens_per_s"] is None
+    )
+    for path in ("dynamic", "static"):
+        sweep = bench_result["ceiling"][path]
+        assert [row["k"] for row in sweep] == [1, 2]
+        assert all(row["acceptance_rate"] == 1.0 and row["identical"] for row in sweep)
+        assert all(row["settle_passes"] == 1 for row in sweep)
+    assert methods["lab_speculative_oracle"]["settle_passes"] == 1
+
+
+def test_rows_are_flat_and_render_in_the_report(bench_result, tmp_path: Path):
+    folder = tmp_path / "experiments" / "gpu"
+    written = gpu.write(bench_result, folder, "cpu-tiny")
+    rows = gpu.rows(bench_result)
+    assert len(written) == 1 + len(rows)
+    assert len(rows) == len(bench_result["methods"]) + 4  # + 2 K x 2 cache paths
+    for path in written[1:]:
+        row = json.loads(path.read_text())
+        assert set(row) == set(gpu.ROW_KEYS)
+        assert all(not isinstance(v, dict | list) for v in row.values())
+    assert json.loads((folder / "raw" / "cpu-tiny.json").read_text())["k"] == 3
+    # The report's GPU section: one row per flat file; raw/ is not globbed.
+    section = report.gpu_section(report.load(tmp_path / "experiments"))
+    (table,) = section.tables
+    assert len(table.data) == len(rows)
+
+
+def test_cli_bench_writes_rows(tmp_path: Path, capsys):
+    args = ["bench", "--target", "tiny-random-qwen2", "--draft", "tiny-random-qwen2", "--k", "2",
+            "--max-new-tokens", "8", "--categories", "code", "--oracle", "--static-cache",
+            "--ks", "1", "--out", str(tmp_path), "--tag", "t", "--json"]  # fmt: skip
+    assert cli.main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["methods"]["lab_speculative_oracle"]["acceptance_rate"] == 1.0
+    assert (tmp_path / "t-lab_baseline_static.json").exists()
+    assert (tmp_path / "t-oracle-static-k1.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--ks", "0"], "k must be a positive integer"),
+        (["--target", "random-qwen2.5-1.5b"], "do not share a tokenizer"),
+        (["--warmup-tokens", "0"], "--warmup-tokens"),
+    ],
+)
+def test_cli_bench_rejects_bad_arguments_before_loading(extra, message, capsys):
+    args = ["bench", "--target", "tiny-random-qwen2", "--draft", "tiny-random-qwen2", *extra]
+    assert cli.main(args) == 2
+    assert message in capsys.readouterr().err
