@@ -98,6 +98,11 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--no-chat-template", action="store_true", help="send the prompt as raw text")
     g.add_argument("--prompt", required=True)
     g.add_argument("--json", action="store_true", help="print one JSON object")
+    g.add_argument(
+        "--profile", metavar="DIR", default=None,
+        help="torch.profiler over the decode loop: Chrome trace, top operators and the "
+        "per-step draft/verify/accept/bookkeeping breakdown, written to DIR",
+    )  # fmt: skip
 
     b = sub.add_parser("bench", help="lab vs HF generate and HF assisted generation, side by side")
     _add_model_args(b)
@@ -226,7 +231,7 @@ def _generate_drafter(args: argparse.Namespace) -> tuple[str | None, dict[str, A
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
-    from lab import decode, speculative
+    from lab import decode, profiling, speculative
     from lab.experiment import Method, make_drafter
 
     # Everything that can be wrong with the arguments is checked before a model loads.
@@ -239,15 +244,20 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     target, draft = _load_pair(args)
     chat = False if args.no_chat_template else None
     ids = encode(Prompt("cli", "cli", (args.prompt,)), target.tokenizer, chat)
-    if drafter is None:
-        result = decode.generate(target, ids, args.max_new_tokens, params, args.seed)
-    else:
-        method = Method(drafter, args.policy, args.k, drafter_params=settings)
-        source = heads.load(settings["heads"], target, drafter) if drafter in heads.KINDS else draft
-        result = speculative.generate(
-            target, make_drafter(method, target, source), policy, controller, ids,
-            args.max_new_tokens, params, args.seed,
-        )  # fmt: skip
+    profile_dir = Path(args.profile) if args.profile else None
+    with profiling.profiled(profile_dir, target.device):
+        if drafter is None:
+            result = decode.generate(target, ids, args.max_new_tokens, params, args.seed)
+        else:
+            method = Method(drafter, args.policy, args.k, drafter_params=settings)
+            trained = drafter in heads.KINDS
+            source = heads.load(settings["heads"], target, drafter) if trained else draft
+            result = speculative.generate(
+                target, make_drafter(method, target, source), policy, controller, ids,
+                args.max_new_tokens, params, args.seed,
+            )  # fmt: skip
+    if profile_dir is not None:
+        profiling.write_breakdown(profile_dir, result)
     if args.json:
         print(json.dumps(result.to_dict()))
         return

@@ -189,7 +189,7 @@ def write_item(
 
 
 _STEP_COLUMNS = ["question_id", "repetition", "step", "k", "proposed", "accepted", "emitted",
-                 "draft_ms", "verify_ms", "step_ms", "rss_mb"]  # fmt: skip
+                 "draft_ms", "verify_ms", "step_ms", "rss_mb", "accept_ms"]  # fmt: skip
 
 
 @dataclass

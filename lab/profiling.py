@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
 import torch
 from torch.profiler import ProfilerActivity, profile
+
+from lab.records import PromptResult
 
 TRACE = "trace.json"
 TOP_OPS = "top_ops.csv"
@@ -60,3 +64,14 @@ def step_breakdown(steps: pd.DataFrame) -> dict[str, float]:
         "bookkeeping_ms": float(rest.mean()),
         "step_ms": float(steps["step_ms"].mean()),
     }
+
+
+def write_breakdown(out_dir: Path, result: PromptResult) -> Path:
+    """Per-step records and the mean phase breakdown of one generation, beside its trace."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    steps = pd.DataFrame([asdict(s) for s in result.steps])
+    steps.to_csv(out_dir / BREAKDOWN, index=False)
+    path = out_dir / "breakdown.json"
+    summary = step_breakdown(steps) if len(steps) else {}
+    path.write_text(json.dumps({"prefill_ms": result.prefill_ms, **summary}, indent=2) + "\n")
+    return path

@@ -23,6 +23,7 @@ class StepRecord:
     verify_ms: float
     step_ms: float
     rss_mb: float
+    accept_ms: float = 0.0  # policy decision, emission and cache rollback (speculative only)
 
 
 @dataclass

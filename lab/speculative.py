@@ -61,23 +61,24 @@ def generate(
             drafter.observe(hidden, len(sequence) - 1)
         else:
             target_logits = forward(target.model, ids, cache, proposed + 1)
+        verify_end = session.clock.now()
         # 4. The policy decides how many drafts to keep and which token follows them.
         verdict = policy.fn(
             draft_tokens, proposal.probs if proposal else None, target_logits, sampler
         )
-        verify_end = session.clock.now()
         # 5. Emit accepted drafts plus the correction/bonus token, cut at EOS and max_new_tokens.
         emitted = session.emit(draft_tokens[: verdict.accepted].tolist() + [verdict.next_token])
         # 6. Roll both caches back to the accepted prefix (the new last token stays uncached).
         valid = len(sequence) + verdict.accepted
         rollback(cache, valid)
         drafter.rollback(valid)
+        accept_end = session.clock.now()
         # 7. The controller learns from the step and picks the next K.
         if proposed:
             controller.update(proposed, verdict.accepted)
         session.record(
             k=k_chosen, proposed=proposed, accepted=verdict.accepted, emitted=emitted,
             draft_ms=verify_start - step_start, verify_ms=verify_end - verify_start,
-            step_ms=session.clock.now() - step_start,
+            accept_ms=accept_end - verify_end, step_ms=session.clock.now() - step_start,
         )  # fmt: skip
     return session.result(prefill_ms, draft_prefill_ms)

@@ -56,7 +56,8 @@ def greedy_match(method: pd.DataFrame, baseline: pd.DataFrame) -> pd.Series:
 
 
 def _steps(steps: pd.DataFrame) -> list[StepRecord]:
-    fields = list(StepRecord.__dataclass_fields__)
+    # Older steps.csv files lack the newer optional columns (accept_ms): use what is there.
+    fields = [f for f in StepRecord.__dataclass_fields__ if f in steps.columns]
     return [StepRecord(**r) for r in steps[fields].to_dict("records")]
 
 

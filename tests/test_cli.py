@@ -128,3 +128,16 @@ def test_bench_on_tiny_models(capsys):
     assert out["identical"] is True
     assert out["baseline_vs_hf_generate"] > 0 and out["speculative_vs_hf_assisted"] > 0
     assert out["prompts"] == 2 and out["speculative_steps"]["mean_accepted_length"] > 1
+
+
+def test_generate_profile_writes_trace_top_ops_and_breakdown(capsys, tmp_path):
+    args = GEN + ["--draft", "tiny-random-llama-draft", "--max-new-tokens", "10",
+                  "--profile", str(tmp_path)]  # fmt: skip
+    assert cli.main(args) == 0
+    assert json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+    top = (tmp_path / "top_ops.csv").read_text().splitlines()
+    assert top[0].startswith("op,calls,self_cpu_ms") and len(top) > 5
+    breakdown = json.loads((tmp_path / "breakdown.json").read_text())
+    phases = ("draft_ms", "verify_ms", "accept_ms", "bookkeeping_ms")
+    assert all(breakdown[p] >= 0 for p in phases) and breakdown["verify_ms"] > 0
+    assert sum(breakdown[p] for p in phases) == pytest.approx(breakdown["step_ms"])
