@@ -39,8 +39,8 @@ test: install-dev
 	$(MAKE) lint
 
 lint:
-	$(BIN)/ruff check lab stages tests
-	$(BIN)/ruff format --check lab stages tests
+	$(BIN)/ruff check lab stages tests pipelines
+	$(BIN)/ruff format --check lab stages tests pipelines
 	$(BIN)/mypy
 
 ui: install

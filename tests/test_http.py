@@ -337,7 +337,8 @@ def test_load_benchmark_against_llama_cpp() -> None:
     cmd = [LLAMA_PYTHON, "-m", "llama_cpp.server", "--model",
            str(gguf / packaged.get_model("smollm2-135m-instruct").chunk_glob),
            "--model_alias", "smollm2-135m", "--host", "127.0.0.1", "--port", str(port),
-           "--n_threads", "1", "--interrupt_requests", "False"]  # fmt: skip
+           "--n_threads", "1", "--n_threads_batch", "1",
+           "--interrupt_requests", "False"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         url = f"http://127.0.0.1:{port}"
