@@ -140,6 +140,8 @@ class EagleHead(nn.Module):
     """EAGLE (Li et al. 2024): one decoder layer on fc(feature_t ++ embedding of token t+1).
 
     It predicts the target's feature at t+1, which the target's LM head decodes into token t+2.
+    Both inputs are RMS-normalised first (as in EAGLE-3): the target's features are ~100x the
+    scale of its token embeddings, which would otherwise hide the token from fc at the start.
     """
 
     def __init__(
@@ -147,6 +149,9 @@ class EagleHead(nn.Module):
     ) -> None:
         super().__init__()
         config = layer_config(target_config, intermediate_size)
+        eps = getattr(config, "rms_norm_eps", 1e-6)
+        self.feature_norm = nn.RMSNorm(config.hidden_size, eps=eps)
+        self.embed_norm = nn.RMSNorm(config.hidden_size, eps=eps)
         self.fc = nn.Linear(2 * config.hidden_size, config.hidden_size)
         self.layer = AutoModel.from_config(config, dtype=torch.float32)
         self.vocab: torch.Tensor
@@ -164,7 +169,9 @@ class EagleHead(nn.Module):
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(B, L, H) features and (B, L, H) next-token embeddings -> (B, L, H) next features."""
-        inputs = self.fc(torch.cat([features, next_embeds], dim=-1))  # (B, L, H)
+        inputs = self.fc(
+            torch.cat([self.feature_norm(features), self.embed_norm(next_embeds)], dim=-1)
+        )  # (B, L, H)
         out = self.layer(
             inputs_embeds=inputs, attention_mask=attention_mask, cache=cache,
             use_cache=cache is not None,
@@ -257,10 +264,12 @@ class EagleSettings:
     intermediate_size: int | None = None  # MLP width of the draft layer; None: the target's
     draft_vocab: int = 8192
     epochs: int = 4
-    batch_size: int = 4  # sequences per step
+    batch_size: int = 1  # sequences per step: with little data, more steps beat bigger batches
     lr: float = 5e-4
     weight_decay: float = 0.0
-    cls_weight: float = 0.1  # EAGLE's weight of the token loss beside the feature regression
+    # Weight of the token loss beside the feature regression: EAGLE used 0.1; with a few
+    # thousand positions 1.0 gave a better held-out top-1 (0.21 vs 0.19 for a 0.5B target).
+    cls_weight: float = 1.0
 
 
 Settings = MedusaSettings | EagleSettings
@@ -362,8 +371,18 @@ def _build(
         task = _MedusaTask(head, vocab, settings, seed)
     else:
         head = EagleHead(model.config, settings.intermediate_size, vocab_ids)
+        _copy_final_norm(model, head)
         task = _EagleTask(head, vocab, model, settings)
     return head.to(target.device), task
+
+
+def _copy_final_norm(model: PreTrainedModel, head: EagleHead) -> None:
+    """Start the head's output norm as the target's final norm: its features carry that scale."""
+    source = getattr(model.base_model, "norm", None)
+    target = getattr(head.layer, "norm", None)
+    if source is not None and target is not None and source.weight.shape == target.weight.shape:
+        with torch.no_grad():
+            target.weight.copy_(source.weight.float())
 
 
 def _fit(

@@ -3,6 +3,8 @@
 import json
 import sys
 
+import pandas as pd
+
 from lab import distill, heads, models, tracking
 from lab import params as P
 from lab.stage import EXPERIMENTS, load_params
@@ -16,17 +18,25 @@ out = EXPERIMENTS / "heads" / kind
 training = heads.settings_dict(settings)
 config = {"heads": {kind: training, "heldout": params["heads"]["heldout"]}, "seed": params["seed"],
           "target": target_name, **load}  # fmt: skip
+curve: list[dict[str, float]] = []  # per step: loss, lr; per epoch also heldout_loss
 with tracking.stage_run("heads", kind, config, device=str(models.resolve_device())) as run:
+
+    def log(row: dict[str, float]) -> None:
+        curve.append(row)
+        run.log_steps([row])
+
     data, info = distill.load_data(EXPERIMENTS / "distill")
     if info["target"] != target_name:
         raise ValueError(f"distill data is from {info['target']!r}, not {target_name!r}: rerun it")
     target = models.load(target_name, **load)
     train, heldout = data.split(params["heads"]["heldout"])
-    trained = heads.train(target, train, heldout, settings, params["seed"],
-                          log=lambda row: run.log_steps([row]))  # fmt: skip
+    trained = heads.train(target, train, heldout, settings, params["seed"], log=log)
     info = {**heads.describe(trained.head, target_name), "training": training,
             "metrics": trained.metrics}  # fmt: skip
     heads.save(out, trained.head, info)
     (out / "metrics.json").write_text(json.dumps(trained.metrics, indent=2, sort_keys=True) + "\n")
+    pd.DataFrame(curve).groupby("step", as_index=False).first().to_csv(
+        out / "loss.csv", index=False
+    )
     run.log_metrics(trained.metrics)
     run.log_artifacts([out / heads.CONFIG])
