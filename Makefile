@@ -12,7 +12,7 @@ MODELS ?= qwen2.5-coder-1.5b-instruct qwen2.5-coder-0.5b-instruct
 export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install install-dev models repro test lint ui bench clean
+.PHONY: install install-dev models repro test lint ui bench plots-template clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,12 @@ ui: install
 
 bench: models
 	$(BIN)/lab bench --k 4 --max-new-tokens 64
+
+# Rebuilds the committed .dvc/plots_offline.html (vega bundles inlined, for `dvc plots show` with
+# no internet) from the npm registry, checking each pinned tarball's sha512. Only needed to change
+# the pins: the template is committed so a fresh clone renders offline with no set-up step.
+plots-template: $(BIN)/python
+	$(BIN)/python -m lab.plots_template
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

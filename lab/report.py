@@ -452,7 +452,8 @@ def _params_run(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def _draft_name(results: Results, params: dict[str, Any]) -> str:
-    drafts = sorted({str(i.config["run"]["draft"]) for i in results.speculative})
+    """The draft model(s) the runs used; drafters without one (prompt lookup, heads) record None."""
+    drafts = sorted({str(d) for i in results.speculative if (d := i.config["run"]["draft"])})
     return ", ".join(drafts) if drafts else str(_setting(params, "models.draft"))
 
 

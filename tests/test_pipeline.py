@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,51 @@ def test_second_repro_does_nothing(repo):
     path, env = repo
     out = run(["dvc", "repro"], path, env).stdout
     assert "Running stage" not in out
+
+
+def _exp_show(path: Path, env: dict[str, str]) -> tuple[dict, list[dict]]:
+    """`dvc exp show --json`: the baseline commit's data and its experiments' (name, data)."""
+    rows = json.loads(run(["dvc", "exp", "show", "--json"], path, env).stdout)
+    commit = next(r for r in rows if r["rev"] != "workspace")
+    experiments = [rev for exp in commit.get("experiments") or [] for rev in exp["revs"]]
+    return commit["data"], experiments
+
+
+def _metrics(data: dict, name: str) -> dict:
+    return data["metrics"][name]["data"]
+
+
+def test_param_experiment_differs_and_is_tagged(repo, tmp_path):
+    """`dvc exp run -S k=3` on a copy of the repo (the workspace keeps main's results)."""
+    from mlflow.tracking import MlflowClient
+
+    path, env = tmp_path / "copy", repo[1]
+    # .dvc/tmp holds the original's locks and path-keyed state: the copy starts without them.
+    shutil.copytree(repo[0], path, ignore=lambda d, _: ["tmp"] if d.endswith("/.dvc") else [])
+    run(["git", "add", "-A"], path, env)  # main's results committed: the experiment's baseline
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "main"], path, env)
+    # Two of the items that use k, not all nine: each is a process that loads torch (time).
+    targets = ["policies@exact", "adaptive@heuristic"]
+    run(["dvc", "exp", "run", "-S", "k=3", *targets], path, env)
+    main, experiments = _exp_show(path, env)
+    assert len(experiments) == 1, experiments
+    name, data = experiments[0]["name"], experiments[0]["data"]
+    assert data["params"]["params.yaml"]["data"]["k"] == 3
+    for changed in ("policies/exact", "adaptive/heuristic"):
+        metrics = f"experiments/{changed}/metrics.json"
+        assert _metrics(data, metrics) != _metrics(main, metrics), changed
+    unchanged = "experiments/ksweep/k2/metrics.json"  # the sweep does not use k
+    assert _metrics(data, unchanged) == _metrics(main, unchanged)
+
+    client = MlflowClient(f"sqlite:///{path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("smoke")
+    query = f"tags.`dvc.exp_name` = '{name}'"
+    runs = client.search_runs([experiment.experiment_id], query, max_results=1000)
+    children = {
+        f"{r.data.tags['stage']}/{r.data.tags['item']}": r for r in runs if "item" in r.data.tags
+    }
+    assert sorted(children) == sorted(changed.replace("@", "/") for changed in targets)
+    assert children["policies/exact"].data.params["run.method.k"] == "3"
+    parents = {r.data.tags["mlflow.parentRunId"] for r in children.values()}
+    assert len(parents) == 1  # both stages under one parent run for the experiment
+    assert client.get_run(parents.pop()).data.tags["dvc.exp_name"] == name

@@ -126,7 +126,8 @@ class Builder:
         run = {
             "method": dataclasses.asdict(method),
             "target": self.target.name,
-            "draft": None if method.baseline else self.draft.name,
+            # As lab.stage.run_config: only the draft_model drafter runs on a draft model.
+            "draft": self.draft.name if method.drafter == "draft_model" else None,
             "device": "cpu",
             "dtype": None,
             "prompts": PARAMS["prompts"],
@@ -213,6 +214,7 @@ def experiments(tmp_path_factory: pytest.TempPathFactory, qwen2: LoadedModel) ->
         policy_label="typical",
     )
     _reuse(root / "ksweep" / "k4", root / "drafters" / "draft_model")
+    build.item("drafters", "prompt_lookup", Method("prompt_lookup", "exact", 4))
     for name, settings in (("adaptive", {"window": 2, "max_k": 6}), ("heuristic", {})):
         build.item("adaptive", name, Method("draft_model", "exact", 4, name, settings))
     _side_files(root)
@@ -261,6 +263,15 @@ def test_plot_data_for_dvc(rendered: tuple[Path, list[Path]]) -> None:
     assert ksweep["k"].tolist() == [1, 2, 4]
     positions = pd.read_csv(reports / "plots" / "acceptance_by_position.csv")
     assert positions["acceptance"].between(0, 1).all()
+
+
+def test_methods_name_the_draft_model(rendered: tuple[Path, list[Path]]) -> None:
+    reports, _ = rendered
+    text = (reports / "report.md").read_text()
+    methods = text.split("## Methods\n", 1)[1].split("\n## ", 1)[0]
+    # prompt_lookup runs without a draft model: its None must not read as a second draft.
+    assert "Target tiny-random-qwen2, draft tiny-random-qwen2-noisy, perplexity" in methods
+    assert "None" not in methods
 
 
 def test_lossy_policy_is_labelled(rendered: tuple[Path, list[Path]]) -> None:
