@@ -97,6 +97,14 @@ def prompts(params: dict[str, Any]) -> list[Prompt]:
         raise ParamsError(f"params.yaml: prompts: {err}") from err
 
 
+def profile(params: dict[str, Any]) -> bool:
+    """profile: true runs torch.profiler over each generating stage's decode loop."""
+    value = _get(params, "profile")
+    if not isinstance(value, bool):
+        raise ParamsError(f"params.yaml: profile must be true or false, got {value!r}")
+    return value
+
+
 def k_values(params: dict[str, Any]) -> list[int]:
     """ksweep.ks, each a positive integer."""
     ks = _get(params, "ksweep.ks")
@@ -183,6 +191,7 @@ def validate(params: dict[str, Any]) -> None:
     _positive_int(params, "generation.max_new_tokens")
     _positive_int(params, "run.repetitions")
     _get(params, "seed")
+    profile(params)
     sampling(params)
     prompts(params)
     k_values(params)

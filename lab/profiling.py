@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from lab.records import PromptResult
+from lab.records import PromptResult, StepRecord
 
 TRACE = "trace.json"
 TOP_OPS = "top_ops.csv"
@@ -53,25 +53,34 @@ def top_ops(prof: profile, top: int) -> pd.DataFrame:
     return frame.sort_values(sort, ascending=False).head(top).reset_index(drop=True)
 
 
+def phases(steps: pd.DataFrame) -> pd.DataFrame:
+    """Per-step ms in draft, verify, accept/rollback and bookkeeping (step_ms minus the others)."""
+    # Records from before accept_ms existed counted accept/rollback as bookkeeping: 0 keeps that.
+    accept = steps["accept_ms"] if "accept_ms" in steps else pd.Series(0.0, index=steps.index)
+    out = pd.DataFrame({"draft_ms": steps["draft_ms"], "verify_ms": steps["verify_ms"],
+                        "accept_ms": accept})  # fmt: skip
+    out["bookkeeping_ms"] = steps["step_ms"] - out.sum(axis=1)
+    out["step_ms"] = steps["step_ms"]
+    return out
+
+
 def step_breakdown(steps: pd.DataFrame) -> dict[str, float]:
     """Mean ms per step in each phase: draft, verify, accept/rollback and bookkeeping (the rest)."""
-    accept = steps["accept_ms"] if "accept_ms" in steps else pd.Series(0.0, index=steps.index)
-    rest = steps["step_ms"] - steps["draft_ms"] - steps["verify_ms"] - accept
-    return {
-        "draft_ms": float(steps["draft_ms"].mean()),
-        "verify_ms": float(steps["verify_ms"].mean()),
-        "accept_ms": float(accept.mean()),
-        "bookkeeping_ms": float(rest.mean()),
-        "step_ms": float(steps["step_ms"].mean()),
-    }
+    return {name: float(value) for name, value in phases(steps).mean().items()}
 
 
-def write_breakdown(out_dir: Path, result: PromptResult) -> Path:
-    """Per-step records and the mean phase breakdown of one generation, beside its trace."""
+def write_breakdown(out_dir: Path, steps: pd.DataFrame, **extra: float) -> Path:
+    """Per-step phase times (step_breakdown.csv) and their means plus extra (breakdown.json)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    steps = pd.DataFrame([asdict(s) for s in result.steps])
-    steps.to_csv(out_dir / BREAKDOWN, index=False)
+    keys = [c for c in ("question_id", "repetition", "step") if c in steps]
+    pd.concat([steps[keys], phases(steps)], axis=1).to_csv(out_dir / BREAKDOWN, index=False)
     path = out_dir / "breakdown.json"
     summary = step_breakdown(steps) if len(steps) else {}
-    path.write_text(json.dumps({"prefill_ms": result.prefill_ms, **summary}, indent=2) + "\n")
+    path.write_text(json.dumps({**extra, **summary}, indent=2) + "\n")
     return path
+
+
+def result_steps(result: PromptResult) -> pd.DataFrame:
+    """One generation's step records as a frame (one row per step)."""
+    columns = list(StepRecord.__dataclass_fields__)
+    return pd.DataFrame([asdict(s) for s in result.steps], columns=columns)

@@ -1,4 +1,4 @@
-"""WORK IN PROGRESS, not collected: fault tests (issue 6); one failed in its first full run."""
+"""Fault tests (issue 6): killed stages, reruns, bad inputs, determinism, parallel experiments."""
 
 from __future__ import annotations
 
