@@ -957,7 +957,7 @@ def latency_figure(steps: dict[str, pd.Series]) -> Figure:
 
 
 def breakdown_section(results: Results) -> Section:
-    """Where each step's time goes, per configuration, and peak memory per configuration and stage."""
+    """Where each step's time goes per configuration; peak memory per configuration and stage."""
     section = Section("Step time breakdown and memory")
     if not results.runs:
         section.text.append(_none("no configuration has results"))
