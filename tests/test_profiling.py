@@ -49,7 +49,9 @@ def test_profile_param_writes_trace_tables_and_artifacts(workdir: Path) -> None:
     assert json.loads((out / experiment.CONFIG).read_text())["run"]["profile"] is True
     assert not list(workdir.glob("experiments/baseline/.*"))  # no temporary folder left
     client = MlflowClient(tracking.tracking_uri())
-    run = client.search_runs([client.get_experiment_by_name("profile").experiment_id])[0]
+    found = client.get_experiment_by_name("profile")
+    assert found is not None
+    run = client.search_runs([found.experiment_id])[0]
     logged = {a.path for a in client.list_artifacts(run.info.run_id, experiment.PROFILE)}
     names = (profiling.TRACE, profiling.TOP_OPS, profiling.BREAKDOWN)
     assert {f"{experiment.PROFILE}/{n}" for n in names} <= logged
