@@ -55,10 +55,18 @@ def load(path: str | Path = "params.yaml") -> dict[str, Any]:
     try:
         params = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise ParamsError(f"{path} is not valid YAML: {err}") from err
+        raise ParamsError(f"{path} is not valid YAML: {_yaml_problem(err)}") from err
     if not isinstance(params, dict):
         raise ParamsError(f"{path} must be a mapping of keys to values")
     return params
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message as one line with the position, so a traceback ends with it."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}"
 
 
 def model_name(params: dict[str, Any], role: str) -> str:
