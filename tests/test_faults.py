@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import signal
 import subprocess
 import time
@@ -115,22 +114,18 @@ def _empty_prompt(path: Path) -> None:
     )
 
 
+# The faults the issue names. Unknown names (models, categories) fail in the same params check as
+# the first two; test_models, test_prompts and test_cli cover their messages without a process.
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda p: p.write_text("k: [unclosed\n"), "not valid YAML"),
+        (lambda p: p.write_text("k: [unclosed\n"), "not valid YAML: expected ',' or ']'"),
         (lambda p: p.write_text(p.read_text().replace("source: builtin", "source: nope.jsonl")),
          "prompt file not found: nope.jsonl"),
         (_long_prompt, "exceeds tiny-random-qwen2's context of 2048 tokens"),
-        (lambda p: p.write_text(re.sub(r"max_new_tokens: \d+", "max_new_tokens: 5000",
-                                       p.read_text(), count=1)), "context of 2048 tokens"),
         (_empty_prompt, "turn 0 is empty"),
-        (lambda p: p.write_text(p.read_text().replace("target: tiny-random-qwen2",
-                                                      "target: gpt-17")), "models.target"),
-        (lambda p: p.write_text(p.read_text().replace("- writing", "- poetry")), "poetry"),
     ],
-    ids=["malformed-yaml", "missing-prompt-file", "prompt-beyond-context",
-         "generation-beyond-context", "empty-prompt", "unknown-model", "unknown-category"],
+    ids=["malformed-yaml", "missing-prompt-file", "prompt-beyond-context", "empty-prompt"],
 )  # fmt: skip
 def test_bad_input_fails_clearly_and_keeps_results(repo, edit, message):
     path, env = repo
