@@ -257,7 +257,8 @@ def _cmd_generate(args: argparse.Namespace) -> None:
                 args.max_new_tokens, params, args.seed,
             )  # fmt: skip
     if profile_dir is not None:
-        profiling.write_breakdown(profile_dir, result)
+        steps = profiling.result_steps(result)
+        profiling.write_breakdown(profile_dir, steps, prefill_ms=result.prefill_ms)
     if args.json:
         print(json.dumps(result.to_dict()))
         return

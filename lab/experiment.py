@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from lab import decode, speculative
+from lab import decode, profiling, speculative
 from lab.controllers import make_controller
 from lab.drafters import (
     Drafter,
@@ -37,6 +37,7 @@ PROMPTS = "prompts.jsonl"  # one line per prompt and repetition: summary, tokens
 STEPS = "steps.csv"  # one row per step: question_id, repetition and the StepRecord fields
 METRICS = "metrics.json"  # summary metrics (DVC metrics)
 LOSSLESS = "lossless.csv"  # per prompt, for lossless methods: identical to baseline or where not
+PROFILE = "profile"  # folder, only when profiled: trace.json, top_ops.csv, step_breakdown.csv
 
 
 @dataclass(frozen=True)
@@ -108,8 +109,12 @@ def run(
     repetitions: int = 1,
     warmup: int = 1,
     desc: str = "prompts",
+    profile_dir: Path | None = None,
 ) -> list[dict[str, Any]]:
-    """Every prompt, `repetitions` times, after `warmup` discarded runs; one row per generation."""
+    """Every prompt, `repetitions` times, after `warmup` discarded runs; one row per generation.
+
+    profile_dir: torch.profiler over the timed generations (not the warm-up), written there.
+    """
     encoded = [encode(p, target.tokenizer) for p in prompts]
     for prompt, ids in zip(prompts, encoded, strict=True):  # fail before any prompt runs
         try:
@@ -119,11 +124,12 @@ def run(
     for _ in range(warmup):  # first calls pay one-off allocation and dispatch costs
         generate_one(method, target, draft, encoded[0], min(8, max_new_tokens), sampling, seed)
     rows = []
-    for prompt, ids in tqdm(list(zip(prompts, encoded, strict=True)), desc=desc, unit="prompt"):
-        for rep in range(repetitions):
-            result = generate_one(method, target, draft, ids, max_new_tokens, sampling, seed)
-            rows.append({"question_id": prompt.question_id, "category": prompt.category,
-                         "repetition": rep, **result.to_dict()})  # fmt: skip
+    with profiling.profiled(profile_dir, target.device):
+        for prompt, ids in tqdm(list(zip(prompts, encoded, strict=True)), desc=desc, unit="prompt"):
+            for rep in range(repetitions):
+                result = generate_one(method, target, draft, ids, max_new_tokens, sampling, seed)
+                rows.append({"question_id": prompt.question_id, "category": prompt.category,
+                             "repetition": rep, **result.to_dict()})  # fmt: skip
     return rows
 
 
@@ -165,11 +171,14 @@ def write_item(
     rows: list[dict[str, Any]],
     metrics: dict[str, Any],
     lossless: pd.DataFrame | None = None,
+    profile: Path | None = None,
 ) -> None:
-    """Write one stage item's files (atomically, as a folder)."""
+    """Write one stage item's files (atomically, as a folder); profile is a folder moved in."""
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    if profile is not None:
+        os.replace(profile, tmp / PROFILE)
     (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     with open(tmp / PROMPTS, "w") as f:
         for row in rows:

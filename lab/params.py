@@ -55,10 +55,18 @@ def load(path: str | Path = "params.yaml") -> dict[str, Any]:
     try:
         params = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise ParamsError(f"{path} is not valid YAML: {err}") from err
+        raise ParamsError(f"{path} is not valid YAML: {_yaml_problem(err)}") from err
     if not isinstance(params, dict):
         raise ParamsError(f"{path} must be a mapping of keys to values")
     return params
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message as one line with the position, so a traceback ends with it."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}"
 
 
 def model_name(params: dict[str, Any], role: str) -> str:
@@ -95,6 +103,14 @@ def prompts(params: dict[str, Any]) -> list[Prompt]:
         )
     except PromptError as err:
         raise ParamsError(f"params.yaml: prompts: {err}") from err
+
+
+def profile(params: dict[str, Any]) -> bool:
+    """profile: true runs torch.profiler over each generating stage's decode loop."""
+    value = _get(params, "profile")
+    if not isinstance(value, bool):
+        raise ParamsError(f"params.yaml: profile must be true or false, got {value!r}")
+    return value
 
 
 def k_values(params: dict[str, Any]) -> list[int]:
@@ -183,6 +199,7 @@ def validate(params: dict[str, Any]) -> None:
     _positive_int(params, "generation.max_new_tokens")
     _positive_int(params, "run.repetitions")
     _get(params, "seed")
+    profile(params)
     sampling(params)
     prompts(params)
     k_values(params)

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from lab.records import PromptResult
+from lab.records import PromptResult, StepRecord
+from lab.sampling import SamplingParams
 
 TRACE = "trace.json"
 TOP_OPS = "top_ops.csv"
@@ -53,25 +57,84 @@ def top_ops(prof: profile, top: int) -> pd.DataFrame:
     return frame.sort_values(sort, ascending=False).head(top).reset_index(drop=True)
 
 
+def phases(steps: pd.DataFrame) -> pd.DataFrame:
+    """Per-step ms in draft, verify, accept/rollback and bookkeeping (step_ms minus the others)."""
+    # Records from before accept_ms existed counted accept/rollback as bookkeeping: 0 keeps that.
+    accept = steps["accept_ms"] if "accept_ms" in steps else pd.Series(0.0, index=steps.index)
+    out = pd.DataFrame({"draft_ms": steps["draft_ms"], "verify_ms": steps["verify_ms"],
+                        "accept_ms": accept})  # fmt: skip
+    out["bookkeeping_ms"] = steps["step_ms"] - out.sum(axis=1)
+    out["step_ms"] = steps["step_ms"]
+    return out
+
+
 def step_breakdown(steps: pd.DataFrame) -> dict[str, float]:
     """Mean ms per step in each phase: draft, verify, accept/rollback and bookkeeping (the rest)."""
-    accept = steps["accept_ms"] if "accept_ms" in steps else pd.Series(0.0, index=steps.index)
-    rest = steps["step_ms"] - steps["draft_ms"] - steps["verify_ms"] - accept
-    return {
-        "draft_ms": float(steps["draft_ms"].mean()),
-        "verify_ms": float(steps["verify_ms"].mean()),
-        "accept_ms": float(accept.mean()),
-        "bookkeeping_ms": float(rest.mean()),
-        "step_ms": float(steps["step_ms"].mean()),
-    }
+    return {name: float(value) for name, value in phases(steps).mean().items()}
 
 
-def write_breakdown(out_dir: Path, result: PromptResult) -> Path:
-    """Per-step records and the mean phase breakdown of one generation, beside its trace."""
+def write_breakdown(out_dir: Path, steps: pd.DataFrame, **extra: float) -> Path:
+    """Per-step phase times (step_breakdown.csv) and their means plus extra (breakdown.json)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    steps = pd.DataFrame([asdict(s) for s in result.steps])
-    steps.to_csv(out_dir / BREAKDOWN, index=False)
+    keys = [c for c in ("question_id", "repetition", "step") if c in steps]
+    pd.concat([steps[keys], phases(steps)], axis=1).to_csv(out_dir / BREAKDOWN, index=False)
     path = out_dir / "breakdown.json"
     summary = step_breakdown(steps) if len(steps) else {}
-    path.write_text(json.dumps({"prefill_ms": result.prefill_ms, **summary}, indent=2) + "\n")
+    path.write_text(json.dumps({**extra, **summary}, indent=2) + "\n")
     return path
+
+
+def result_steps(result: PromptResult) -> pd.DataFrame:
+    """One generation's step records as a frame (one row per step)."""
+    columns = list(StepRecord.__dataclass_fields__)
+    return pd.DataFrame([asdict(s) for s in result.steps], columns=columns)
+
+
+def overhead(repetitions: int = 30, max_new_tokens: int = 32) -> dict[str, float]:
+    """Wall time of one generation inside profiled(None) over the same generation bare."""
+    from lab import experiment, models  # experiment imports this module: import when used
+
+    target = models.load("tiny-random-qwen2", device="cpu")
+    draft = models.load("tiny-random-qwen2-draft", device="cpu")
+    method = experiment.Method("draft_model", "exact", 4)
+    ids = target.tokenizer.encode("def fibonacci(n):\n    if n < 2:\n        return n\n")
+
+    def once(wrapped: bool) -> float:
+        start = time.perf_counter()
+        with profiled(None, target.device) if wrapped else nullcontext():
+            experiment.generate_one(method, target, draft, ids, max_new_tokens, SamplingParams(), 0)
+        return time.perf_counter() - start
+
+    once(False)  # warm-up: first calls pay one-off allocation costs
+    ratios, bare = [], []
+    for rep in range(repetitions):
+        # Interleaved pairs, order alternating, so drift and contention hit both sides alike.
+        first = rep % 2 == 0
+        a, b = once(first), once(not first)
+        wrapped, plain = (a, b) if first else (b, a)
+        ratios.append(wrapped / plain)
+        bare.append(plain)
+    q1, median, q3 = np.percentile(ratios, [25, 50, 75])
+    return {"ratio_median": float(median), "ratio_q1": float(q1), "ratio_q3": float(q3),
+            "pairs": repetitions, "bare_ms_median": 1000.0 * float(np.median(bare))}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m lab.profiling --overhead`: the cost of profiling off, as a ratio with spread."""
+    parser = argparse.ArgumentParser(prog="python -m lab.profiling", description=main.__doc__)
+    what = "time profiled(None) against no wrapper on a tiny random model"
+    parser.add_argument("--overhead", action="store_true", required=True, help=what)
+    parser.add_argument("--repetitions", type=int, default=30, help="interleaved pairs")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # tiny model: a second thread only adds hand-off noise
+    r = overhead(args.repetitions, args.max_new_tokens)
+    print(
+        f"profiled(None) / no wrapper, wall time per generation ({r['pairs']} interleaved pairs, "
+        f"{args.max_new_tokens} new tokens, bare median {r['bare_ms_median']:.1f} ms): "
+        f"ratio median {r['ratio_median']:.4f}, IQR [{r['ratio_q1']:.4f}, {r['ratio_q3']:.4f}]"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -18,7 +18,7 @@ import psutil
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, NullFormatter, ScalarFormatter
 
-from lab import experiment, summary
+from lab import experiment, profiling, summary
 from lab import params as P
 from lab.experiment import Item
 from lab.policies import POLICIES
@@ -81,6 +81,13 @@ HEADERS = {
     "best_fixed_speedup": "best fixed-K speed-up",
     "regret": "regret",
     "regret_oracle": "regret (per-prompt best K, time)",
+    "draft_ms": "draft (ms)",
+    "verify_ms": "verify (ms)",
+    "accept_ms": "accept + rollback (ms)",
+    "bookkeeping_ms": "bookkeeping (ms)",
+    "step_ms": "step (ms)",
+    "peak_rss_mb_max": "peak RSS, max over items (MB)",
+    "peak_cuda_mb_max": "peak CUDA, max over items (MB)",
 }
 
 
@@ -950,6 +957,54 @@ def latency_figure(steps: dict[str, pd.Series]) -> Figure:
     return fig
 
 
+def breakdown_section(results: Results) -> Section:
+    """Where each step's time goes per configuration; peak memory per configuration and stage."""
+    section = Section("Step time breakdown and memory")
+    if not results.runs:
+        section.text.append(_none("no configuration has results"))
+        return section
+    rows = [
+        {
+            "configuration": label(i),
+            "drafter": _method(i)["drafter"],
+            **profiling.step_breakdown(_first(i.steps)),
+            "peak_rss_mb": i.metrics["peak_rss_mb"],
+            "peak_cuda_mb": i.metrics.get("peak_cuda_mb"),
+        }
+        for i in results.runs
+    ]
+    data = _drop_empty(pd.DataFrame(rows), "peak_cuda_mb")
+    caption = "Mean ms per step (first repetition) by phase, and peak memory"
+    section.tables.append(make_table("step_breakdown", caption, data))
+    section.tables.append(make_table("memory", "Peak memory per stage", memory_by_stage(data)))
+    profiled = [f"`{i.path / experiment.PROFILE}`" for i in results.runs if _profiled(i)]
+    if profiled:
+        section.text.append(
+            "Profiled with torch.profiler (timings include its overhead; Chrome traces, top "
+            f"operators and per-step phases in): {', '.join(profiled)}."
+        )
+    return section
+
+
+def memory_by_stage(breakdown: pd.DataFrame) -> pd.DataFrame:
+    """Peak RSS (and CUDA, when measured) per stage: the max over the stage's configurations."""
+    stage = breakdown["configuration"].str.split("/").str[0]
+    columns = [c for c in ("peak_rss_mb", "peak_cuda_mb") if c in breakdown]
+    grouped = breakdown[columns].groupby(stage, sort=False)
+    data = grouped.max().add_suffix("_max").reset_index(names="stage")
+    data.insert(1, "items", grouped.size().to_numpy())
+    return data
+
+
+def _profiled(item: Item) -> bool:
+    return (item.path / experiment.PROFILE / profiling.TRACE).is_file()
+
+
+def _drop_empty(data: pd.DataFrame, column: str) -> pd.DataFrame:
+    """Without the column when no row has a value (CUDA memory on a CPU run)."""
+    return data.drop(columns=column) if data[column].isna().all() else data
+
+
 def position_section(results: Results) -> Section:
     """How acceptance decays along the draft: P(position i kept | i proposed)."""
     section = Section("Acceptance by draft position")
@@ -1044,6 +1099,7 @@ def sections(results: Results, params: dict[str, Any], settings: Settings) -> li
         lossless_section(results),
         perplexity_section(results),
         latency_section(results),
+        breakdown_section(results),
         position_section(results),
         gpu_section(results),
     ]

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from lab import experiment, heads, models, tracking
+from lab import experiment, heads, models, profiling, tracking
 from lab import params as P
 from lab.experiment import Method
 from lab.policies import get_policy
@@ -31,6 +32,9 @@ def run_config(params: dict[str, Any], method: Method) -> dict[str, Any]:
         "seed": params["seed"],
         "repetitions": params["run"]["repetitions"],
         "warmup": params["run"]["warmup"],
+        # The profiler slows every step: profiled timings are another configuration's. Only
+        # present when on, so unprofiled configs (and the reuse of their runs) stay as they were.
+        **({"profile": True} if P.profile(params) else {}),
     }
 
 
@@ -41,8 +45,10 @@ def load_params() -> dict[str, Any]:
     return params
 
 
-def _generate(params: dict[str, Any], method: Method, desc: str) -> list[dict[str, Any]]:
-    """Load the models a method needs and run it over the prompt suite."""
+def _generate(
+    params: dict[str, Any], method: Method, desc: str, profile_dir: Path | None
+) -> list[dict[str, Any]]:
+    """Load the models a method needs and run it over the prompt suite (profiled into a dir)."""
     load = {"device": params["models"].get("device"), "dtype": params["models"].get("dtype")}
     target = models.load(P.model_name(params, "target"), **load)
     draft: experiment.DraftSource = None
@@ -54,7 +60,7 @@ def _generate(params: dict[str, Any], method: Method, desc: str) -> list[dict[st
     return experiment.run(
         method, target, draft, P.prompts(params), params["generation"]["max_new_tokens"],
         P.sampling(params), params["seed"], params["run"]["repetitions"], params["run"]["warmup"],
-        desc=desc,
+        desc=desc, profile_dir=profile_dir,
     )  # fmt: skip
 
 
@@ -77,7 +83,7 @@ def run(stage: str, item: str, method: Method, reuse_from: tuple[str, ...] = ())
     base = None if method.baseline else experiment.read_item(BASELINE)
     same = experiment.find_same(config, [EXPERIMENTS / s for s in reuse_from])
     with tracking.stage_run(stage, item, config, device=str(models.resolve_device())) as mlrun:
-        lossless = None
+        lossless, profile_dir = None, None
         if same is not None:
             # Identical configuration already run by an upstream stage: reuse, never re-run.
             config["reused_from"] = str(same)
@@ -85,7 +91,8 @@ def run(stage: str, item: str, method: Method, reuse_from: tuple[str, ...] = ())
             if (same / experiment.LOSSLESS).exists():
                 lossless = pd.read_csv(same / experiment.LOSSLESS)
         else:
-            rows = _generate(params, method, desc=f"{stage}/{item}")
+            profile_dir = _profile_dir(out) if P.profile(params) else None
+            rows = _generate(params, method, f"{stage}/{item}", profile_dir)
         frame = pd.DataFrame(rows)
         frame["question_id"] = frame["question_id"].astype(str)
         steps = pd.DataFrame([{"question_id": str(r["question_id"]), "repetition": r["repetition"],
@@ -94,9 +101,19 @@ def run(stage: str, item: str, method: Method, reuse_from: tuple[str, ...] = ())
                             base.steps if base else None, params["seed"])  # fmt: skip
         if same is None:
             lossless = _lossless(params, method, frame, base)
-        experiment.write_item(out, config, rows, metrics, lossless)
+        if profile_dir is not None:
+            profiling.write_breakdown(profile_dir, steps)
+        experiment.write_item(out, config, rows, metrics, lossless, profile_dir)
         _log(mlrun, experiment.read_item(out), out)
     return out
+
+
+def _profile_dir(out: Path) -> Path:
+    """An empty folder beside the item to profile into; write_item moves it inside the item."""
+    # A dot-folder, like write_item's temporary: a killed run's leftover is never read as results.
+    path = out.with_name(f".{out.name}.{experiment.PROFILE}")
+    shutil.rmtree(path, ignore_errors=True)
+    return path
 
 
 def _rows_from(item: experiment.Item) -> list[dict[str, Any]]:
@@ -120,4 +137,5 @@ def _log(mlrun: tracking.StageRun, item: experiment.Item, out: Path) -> None:
     mlrun.log_steps(numeric.to_dict("records"), step_key="global_step")
     mlrun.log_prompt_metrics(item.rows.drop(columns=["token_ids", "prompt_ids"]).to_dict("records"))
     mlrun.log_metrics(item.metrics)
-    mlrun.log_artifacts(sorted(p for p in out.iterdir() if p.is_file()))
+    # Files, and the profile/ folder when profiled, under their own names.
+    mlrun.log_artifacts(sorted(out.iterdir()))

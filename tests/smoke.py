@@ -21,10 +21,11 @@ SMOKE = {
 }  # fmt: skip
 
 
-def smoke_params(params: dict) -> dict:
-    """params.yaml of the repo with the smoke profile laid over it."""
-    for section, values in SMOKE.items():
-        params[section].update(values)
+def smoke_params(params: dict, overrides: dict | None = None) -> dict:
+    """params.yaml of the repo with the smoke profile (then overrides, by section) laid over it."""
+    for layer in (SMOKE, overrides or {}):
+        for section, values in layer.items():
+            params[section].update(values)
     return params
 
 
@@ -40,7 +41,7 @@ def run(
     return result
 
 
-def make_repo(path: Path, experiment: str) -> dict[str, str]:
+def make_repo(path: Path, experiment: str, overrides: dict | None = None) -> dict[str, str]:
     """Copy the project's files (not results) into path with smoke params; git + DVC ready."""
     listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
                             check=True, capture_output=True, text=True).stdout  # fmt: skip
@@ -50,7 +51,7 @@ def make_repo(path: Path, experiment: str) -> dict[str, str]:
         ):
             (path / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(ROOT / name, path / name)
-    params = smoke_params(yaml.safe_load((path / "params.yaml").read_text()))
+    params = smoke_params(yaml.safe_load((path / "params.yaml").read_text()), overrides)
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "LAB_MLFLOW_EXPERIMENT": experiment}  # fmt: skip

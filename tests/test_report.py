@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from lab import experiment, report, summary
+from lab import experiment, profiling, report, summary
 from lab.experiment import Method
 from lab.models import LoadedModel
 from lab.prompts import CATEGORIES, load_suite
@@ -49,6 +49,8 @@ TABLES = (
     "perplexity_outputs",
     "perplexity_corpus",
     "step_latency",
+    "step_breakdown",
+    "memory",
     "gpu",
 )
 FIGURES = ("ksweep", "frontier", "accepted_length", "step_latency", "acceptance_by_position")
@@ -64,6 +66,7 @@ HEADINGS = (
     "Lossless check",
     "Perplexity",
     "Per-step latency",
+    "Step time breakdown and memory",
     "Acceptance by draft position",
     "GPU",
 )
@@ -304,6 +307,36 @@ def test_categories_pair_with_baseline(rendered: tuple[Path, list[Path]]) -> Non
     data = pd.read_csv(reports / "tables" / "categories.csv")
     assert set(data["category"]) == {p.category for p in load_suite("builtin", per_category=1)}
     assert (data["speedup_ci_low"] <= data["speedup"]).all()
+
+
+def test_step_breakdown_and_memory(rendered: tuple[Path, list[Path]], experiments: Path) -> None:
+    reports, _ = rendered
+    table = pd.read_csv(reports / "tables" / "step_breakdown.csv").set_index("configuration")
+    item = experiment.read_item(experiments / "ksweep" / "k2")
+    steps = item.steps[item.steps["repetition"] == 0]
+    expected = profiling.step_breakdown(steps)
+    for phase in profiling.PHASES + ("step_ms",):
+        assert table.loc["ksweep/k2", phase] == pytest.approx(expected[phase])
+    phases = table[list(profiling.PHASES)].sum(axis=1)
+    assert np.allclose(phases, table["step_ms"])
+    assert table.loc["baseline/target", "draft_ms"] == 0 and table["verify_ms"].gt(0).all()
+    assert table.loc["ksweep/k2", "drafter"] == "draft_model"
+    memory = pd.read_csv(reports / "tables" / "memory.csv").set_index("stage")
+    peaks = [
+        json.loads(p.read_text())["peak_rss_mb"] for p in experiments.glob("ksweep/*/metrics.json")
+    ]
+    assert memory.loc["ksweep", "peak_rss_mb_max"] == pytest.approx(max(peaks))
+    assert memory.loc["ksweep", "items"] == 3 and "peak_cuda_mb_max" not in memory
+
+
+def test_profiled_items_are_named(experiments: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "experiments"
+    shutil.copytree(experiments, copy)
+    (copy / "ksweep" / "k2" / experiment.PROFILE).mkdir()
+    (copy / "ksweep" / "k2" / experiment.PROFILE / profiling.TRACE).write_text("{}")
+    report.render(copy, tmp_path / "reports", PARAMS)
+    text = (tmp_path / "reports" / "report.md").read_text()
+    assert f"`{copy / 'ksweep' / 'k2' / experiment.PROFILE}`" in text
 
 
 def test_missing_stages_render(experiments: Path, tmp_path: Path) -> None:
