@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lab import plots_template
 from tests.smoke import ROOT, run
@@ -33,7 +34,10 @@ def test_committed_template_has_the_pinned_bundles() -> None:
 def test_dvc_plots_show_writes_html_without_external_scripts(tmp_path: Path) -> None:
     """The plots dvc.yaml declares (it needs params.yaml to resolve), over the committed data."""
     template = plots_template.TEMPLATE.relative_to(ROOT)
-    for name in ("dvc.yaml", "params.yaml", ".dvc/config", template, "reports/plots"):
+    heads = yaml.safe_load((ROOT / "params.yaml").read_text())["heads"]["names"]
+    losses = [f"experiments/heads/{kind}/loss.csv" for kind in heads]
+    names: list[str | Path] = ["dvc.yaml", "params.yaml", ".dvc/config", template, "reports/plots"]
+    for name in names + losses:
         copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         copy(ROOT / name, tmp_path / name)
@@ -43,6 +47,11 @@ def test_dvc_plots_show_writes_html_without_external_scripts(tmp_path: Path) -> 
     html = (tmp_path / "out" / "index.html").read_text(encoding="utf-8")
     assert not re.search(r"<script[^>]*\bsrc\s*=", html), "a script loads from elsewhere"
     assert "cdn.jsdelivr.net" not in html
-    assert html.count("vegaEmbed('#") == 5  # one per plot in dvc.yaml
+    # One per plot dvc.yaml declares: the top-level ones and each heads stage's loss curve.
+    top_level = [
+        next(iter(plot)) for plot in yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]
+    ]
+    expected = top_level + [loss.replace("/", "_").replace(".", "_") for loss in losses]
+    assert sorted(re.findall(r"vegaEmbed\('#(\w+)'", html)) == sorted(expected)
     for bundle in plots_template.BUNDLES:
         assert f"<!-- {bundle.package}@{bundle.version} -->" in html
