@@ -53,7 +53,7 @@ bench: models
 # no internet) from the npm registry, checking each pinned tarball's sha512. Only needed to change
 # the pins: the template is committed so a fresh clone renders offline with no set-up step.
 plots-template: $(BIN)/python
-	$(BIN)/python -m lab.plots_template
+	$(BIN)/python -m lab.report.plots_template
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

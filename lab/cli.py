@@ -11,12 +11,14 @@ from typing import Any
 
 import yaml
 
-from lab import heads, models, packaged
-from lab.controllers import CONTROLLERS, make_controller
-from lab.drafters import DRAFTERS, drafter_settings
-from lab.policies import POLICIES, get_policy, make_policy
+from lab import models
+from lab.drafting import heads
+from lab.drafting.registry import DRAFTERS, drafter_settings
+from lab.engine.controllers import CONTROLLERS, make_controller
+from lab.engine.policies import POLICIES, get_policy, make_policy
+from lab.engine.sampling import SamplingParams
+from lab.models import packaged
 from lab.prompts import BUILTIN, CATEGORIES, Prompt, PromptError, encode, load_suite
-from lab.sampling import SamplingParams
 
 DEFAULT_TARGET = "qwen2.5-coder-1.5b-instruct"
 DEFAULT_DRAFT = "qwen2.5-coder-0.5b-instruct"
@@ -231,8 +233,9 @@ def _generate_drafter(args: argparse.Namespace) -> tuple[str | None, dict[str, A
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
-    from lab import decode, profiling, speculative
-    from lab.experiment import Method, make_drafter
+    from lab.engine import decode, speculative
+    from lab.method import Method, make_drafter
+    from lab.pipeline import profiling
 
     # Everything that can be wrong with the arguments is checked before a model loads.
     policy = make_policy(args.policy, **_options(args.policy_opt, "policy"))
@@ -282,8 +285,8 @@ def _cmd_generate(args: argparse.Namespace) -> None:
 
 
 def _load_bench_pair(args: argparse.Namespace) -> tuple[models.LoadedModel, models.LoadedModel]:
-    """_load_pair for bench, which also takes the random real-shape models of lab.gpu."""
-    from lab import gpu
+    """_load_pair for bench, which also takes the random real-shape models of lab.bench.gpu."""
+    from lab.bench import gpu
 
     gpu.check_name(args.target)
     gpu.check_name(args.draft)
@@ -293,7 +296,8 @@ def _load_bench_pair(args: argparse.Namespace) -> tuple[models.LoadedModel, mode
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
-    from lab import bench, gpu
+    from lab.bench import gpu
+    from lab.bench import hf as bench
 
     for k in [args.k, *(args.ks or [])]:
         make_controller("fixed", k)  # validates every K
@@ -341,7 +345,7 @@ def _cmd_ui(args: argparse.Namespace) -> None:
     import os
     import subprocess
 
-    from lab import tracking
+    from lab.pipeline import tracking
 
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
            "MLFLOW_DISABLE_TELEMETRY": "true"}  # fmt: skip
@@ -355,8 +359,8 @@ def _cmd_ui(args: argparse.Namespace) -> None:
 def _cmd_serve(args: argparse.Namespace) -> None:
     import torch
 
-    from lab import server
-    from lab.experiment import Method
+    from lab.method import Method
+    from lab.serve import server
 
     get_policy(args.policy)
     options = _options(args.controller_opt)
@@ -377,7 +381,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
 def _cmd_loadtest(args: argparse.Namespace) -> None:
     import asyncio
 
-    from lab import http
+    from lab.serve import http
 
     spec = http.LoadSpec(args.requests, args.concurrency or None, args.rate, args.warmup, args.seed)
     config = http.ClientConfig(args.url, args.model, args.timeout, retries=args.retries)

@@ -1,6 +1,6 @@
 """Stage baseline: the target alone, the reference for every speed-up and the lossless check."""
 
-from lab import stage
-from lab.experiment import Method
+from lab.method import Method
+from lab.pipeline import stage
 
 stage.run("baseline", "target", Method())

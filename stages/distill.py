@@ -3,9 +3,11 @@
 import json
 import time
 
-from lab import distill, models, tracking
-from lab import params as P
-from lab.stage import EXPERIMENTS, load_params
+from lab import models
+from lab.drafting import distill
+from lab.pipeline import params as P
+from lab.pipeline import tracking
+from lab.pipeline.stage import EXPERIMENTS, load_params
 
 params = load_params()
 settings = params["distill"]

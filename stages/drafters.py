@@ -2,9 +2,9 @@
 
 import sys
 
-from lab import params as P
-from lab import stage
-from lab.experiment import Method
+from lab.method import Method
+from lab.pipeline import params as P
+from lab.pipeline import stage
 
 name = sys.argv[1]
 params = stage.load_params()

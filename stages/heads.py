@@ -5,9 +5,11 @@ import sys
 
 import pandas as pd
 
-from lab import distill, heads, models, tracking
-from lab import params as P
-from lab.stage import EXPERIMENTS, load_params
+from lab import models
+from lab.drafting import distill, heads
+from lab.pipeline import params as P
+from lab.pipeline import tracking
+from lab.pipeline.stage import EXPERIMENTS, load_params
 
 kind = sys.argv[1]
 params = load_params()

@@ -2,8 +2,8 @@
 
 import sys
 
-from lab import stage
-from lab.experiment import Method
+from lab.method import Method
+from lab.pipeline import stage
 
 k = int(sys.argv[1])
 stage.run("ksweep", f"k{k}", Method(drafter="draft_model", policy="exact", k=k))

@@ -4,10 +4,11 @@ import json
 
 import pandas as pd
 
-from lab import experiment, models, tracking
-from lab import params as P
-from lab import perplexity as ppl
-from lab.stage import EXPERIMENTS, load_params
+from lab import models
+from lab.pipeline import params as P
+from lab.pipeline import perplexity as ppl
+from lab.pipeline import store, tracking
+from lab.pipeline.stage import EXPERIMENTS, load_params
 
 STAGES = ("baseline", "ksweep", "policies", "drafters", "adaptive")
 params = load_params()
@@ -18,7 +19,7 @@ load = {"device": params["models"].get("device"), "dtype": params["models"].get(
 out = EXPERIMENTS / "perplexity"
 out.mkdir(parents=True, exist_ok=True)
 items = [
-    experiment.read_item(p.parent)
+    store.read_item(p.parent)
     for s in STAGES
     for p in sorted((EXPERIMENTS / s).glob("*/metrics.json"))
 ]

@@ -3,9 +3,9 @@
 import json
 from pathlib import Path
 
-from lab import packaged
-from lab import params as P
-from lab.stage import load_params
+from lab.models import packaged
+from lab.pipeline import params as P
+from lab.pipeline.stage import load_params
 
 params = load_params()
 out = {}

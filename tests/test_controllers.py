@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from lab.controllers import AdaptiveK, FixedK, HeuristicK, make_controller
+from lab.engine.controllers import AdaptiveK, FixedK, HeuristicK, make_controller
 
 
 def test_adaptive_stays_within_bounds():

@@ -5,21 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lab import decode, speculative
-from lab.controllers import FixedK
-from lab.drafters import (
-    Drafter,
-    EagleDrafter,
-    MedusaDrafter,
-    PromptLookup,
-    drafter_settings,
-    lookup,
-)
-from lab.experiment import Method, make_drafter
-from lab.heads import EagleHead, MedusaHeads, ResBlock, choose_vocab, vocab_size
+from lab.drafting.eagle import EagleDrafter
+from lab.drafting.heads import EagleHead, MedusaHeads, ResBlock, choose_vocab, vocab_size
+from lab.drafting.medusa import MedusaDrafter
+from lab.drafting.prompt_lookup import PromptLookup, lookup
+from lab.drafting.registry import drafter_settings
+from lab.engine import decode, speculative
+from lab.engine.controllers import FixedK
+from lab.engine.drafter import Drafter
+from lab.engine.policies import get_policy
+from lab.engine.sampling import Sampler, SamplingParams
+from lab.method import Method, make_drafter
 from lab.models import LoadedModel
-from lab.policies import get_policy
-from lab.sampling import Sampler, SamplingParams
 
 GREEDY = Sampler(SamplingParams(), seed=0, device=torch.device("cpu"))
 N = 32  # new tokens per generation

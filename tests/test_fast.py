@@ -5,11 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lab import decode, fast, gpu, models, speculative
-from lab.controllers import FixedK
-from lab.drafters import DraftModel
+from lab import models
+from lab.bench import gpu
+from lab.drafting.draft_model import DraftModel
+from lab.engine import decode, speculative
+from lab.engine import static as fast
+from lab.engine.controllers import FixedK
+from lab.engine.policies import get_policy
 from lab.models import LoadedModel
-from lab.policies import get_policy
 
 N = 40
 needs_cuda = pytest.mark.skipif(

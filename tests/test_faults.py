@@ -16,11 +16,11 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from lab import models, report
-from lab.experiment import Method
-from lab.experiment import run as run_method
+from lab.engine.sampling import SamplingParams
+from lab.method import Method
+from lab.pipeline.suite import run as run_method
 from lab.prompts import load_suite
-from lab.sampling import SamplingParams
-from lab.summary import summarize
+from lab.stats import summarize
 from tests.smoke import make_repo, run
 
 # The smoke profile with one or two items per matrix: the faults need the pipeline's shape (every

@@ -9,12 +9,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lab import bench, cli, decode, fast, gpu, report, speculative
-from lab.controllers import FixedK
+from lab import cli, report
+from lab.bench import gpu
+from lab.bench import hf as bench
+from lab.engine import decode, speculative
+from lab.engine import static as fast
+from lab.engine.controllers import FixedK
+from lab.engine.policies import get_policy
+from lab.engine.records import PromptResult, StepRecord
+from lab.engine.sampling import SamplingParams
 from lab.models import LoadedModel, ModelError
-from lab.policies import get_policy
-from lab.records import PromptResult, StepRecord
-from lab.sampling import SamplingParams
 
 N = 32
 

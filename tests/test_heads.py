@@ -7,11 +7,13 @@ import dataclasses
 import pytest
 import torch
 
-from lab import decode, distill, heads, speculative
-from lab.controllers import FixedK
-from lab.drafters import EagleDrafter, MedusaDrafter
+from lab.drafting import distill, heads
+from lab.drafting.eagle import EagleDrafter
+from lab.drafting.medusa import MedusaDrafter
+from lab.engine import decode, speculative
+from lab.engine.controllers import FixedK
+from lab.engine.policies import get_policy
 from lab.models import LoadedModel
-from lab.policies import get_policy
 from lab.prompts import load_suite
 
 

@@ -18,9 +18,12 @@ from typing import Any
 import httpx2
 import pytest
 
-from lab import cli, decode, http, models, packaged, server
-from lab.params import ParamsError
+from lab import cli, models
+from lab.engine import decode
+from lab.models import packaged
+from lab.pipeline.params import ParamsError
 from lab.prompts import Prompt, load_suite
+from lab.serve import http, server
 
 SERVE_ARGS = ["--target", "tiny-random-qwen2", "--device", "cpu", "--threads", "1",
               "--max-queue", "3", "--max-new-tokens", "400"]  # fmt: skip

@@ -1,4 +1,4 @@
-"""lab.packaged: chunk order, hash checks, pip hints, crash safety, and one real conversion."""
+"""lab.models.packaged: chunk order, hash checks, pip hints, crash safety, and one real conversion."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lab import packaged as P
+from lab.models import packaged as P
 
 REPO = Path(__file__).resolve().parents[1]
 

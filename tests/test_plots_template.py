@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lab import plots_template
+from lab.report import plots_template
 from tests.smoke import ROOT, run
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lab.policies import exact, get_policy, rejection_sampling
-from lab.sampling import Sampler, SamplingParams
+from lab.engine.policies import exact, get_policy, rejection_sampling
+from lab.engine.sampling import Sampler, SamplingParams
 
 GREEDY = Sampler(SamplingParams(), seed=0, device=torch.device("cpu"))
 

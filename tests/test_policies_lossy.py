@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lab.policies import (
+from lab.engine.policies import (
     POLICIES,
     confidence,
     get_policy,
@@ -16,7 +16,7 @@ from lab.policies import (
     topk,
     typical,
 )
-from lab.sampling import Sampler, SamplingParams
+from lab.engine.sampling import Sampler, SamplingParams
 
 GREEDY = Sampler(SamplingParams(), seed=0, device=torch.device("cpu"))
 NEG = -math.inf

@@ -11,8 +11,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from lab import experiment, profiling, stage, tracking
-from lab.experiment import Method
+from lab.method import Method
+from lab.pipeline import profiling, stage, store, tracking
 from tests.smoke import ROOT, smoke_params
 
 
@@ -40,29 +40,29 @@ def _set_profile(path: Path, on: bool) -> None:
 def test_profile_param_writes_trace_tables_and_artifacts(workdir: Path) -> None:
     _set_profile(workdir, True)
     out = stage.run("baseline", "target", Method())
-    folder = out / experiment.PROFILE
+    folder = out / store.PROFILE
     assert json.loads((folder / profiling.TRACE).read_text())["traceEvents"]
     assert len(pd.read_csv(folder / profiling.TOP_OPS)) > 5
     phases = pd.read_csv(folder / profiling.BREAKDOWN)
-    assert len(phases) == len(experiment.read_item(out).steps)
+    assert len(phases) == len(store.read_item(out).steps)
     assert set(profiling.PHASES) <= set(phases.columns)
-    assert json.loads((out / experiment.CONFIG).read_text())["run"]["profile"] is True
+    assert json.loads((out / store.CONFIG).read_text())["run"]["profile"] is True
     assert not list(workdir.glob("experiments/baseline/.*"))  # no temporary folder left
     client = MlflowClient(tracking.tracking_uri())
     found = client.get_experiment_by_name("profile")
     assert found is not None
     run = client.search_runs([found.experiment_id])[0]
-    logged = {a.path for a in client.list_artifacts(run.info.run_id, experiment.PROFILE)}
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, store.PROFILE)}
     names = (profiling.TRACE, profiling.TOP_OPS, profiling.BREAKDOWN)
-    assert {f"{experiment.PROFILE}/{n}" for n in names} <= logged
+    assert {f"{store.PROFILE}/{n}" for n in names} <= logged
 
 
 def test_profile_off_writes_nothing_and_keeps_the_config(workdir: Path) -> None:
     _set_profile(workdir, False)
     out = stage.run("baseline", "target", Method())
-    assert not (out / experiment.PROFILE).exists()
+    assert not (out / store.PROFILE).exists()
     # Off leaves the run config as it was before the param existed, so old runs stay reusable.
-    assert "profile" not in json.loads((out / experiment.CONFIG).read_text())["run"]
+    assert "profile" not in json.loads((out / store.CONFIG).read_text())["run"]
 
 
 def test_profile_must_be_a_bool(workdir: Path) -> None:

@@ -14,12 +14,14 @@ import pandas as pd
 import pytest
 import torch
 
-from lab import experiment, profiling, report, summary
-from lab.experiment import Method
+from lab import report
+from lab import stats as summary
+from lab.engine.sampling import SamplingParams
+from lab.method import Method
 from lab.models import LoadedModel
+from lab.pipeline import profiling, store, suite
 from lab.prompts import CATEGORIES, load_suite
-from lab.sampling import SamplingParams
-from lab.summary import summarize
+from lab.stats import summarize
 
 MAX_NEW_TOKENS = 12
 PARAMS: dict[str, Any] = {
@@ -85,7 +87,7 @@ def _noisy(target: LoadedModel) -> LoadedModel:
 
 
 class Builder:
-    """Runs methods and writes items the way lab.stage does, minus MLflow."""
+    """Runs methods and writes items the way lab.pipeline.stage does, minus MLflow."""
 
     def __init__(self, root: Path, target: LoadedModel) -> None:
         self.root, self.target, self.draft = root, target, _noisy(target)
@@ -101,7 +103,7 @@ class Builder:
         policy_label: str | None = None,
     ) -> None:
         draft = None if method.baseline else self.draft
-        rows = experiment.run(
+        rows = suite.run(
             method,
             self.target,
             draft,
@@ -125,11 +127,11 @@ class Builder:
         metrics = summarize(frame, steps, base_rows, base_steps, seed=0)
         lossless = None
         if base_rows is not None and policy_label is None and sampling.greedy:
-            lossless = experiment.lossless_check(self.target, frame, base_rows)
+            lossless = suite.lossless_check(self.target, frame, base_rows)
         run = {
             "method": dataclasses.asdict(method),
             "target": self.target.name,
-            # As lab.stage.run_config: only the draft_model drafter runs on a draft model.
+            # As lab.pipeline.stage.run_config: only the draft_model drafter runs on a draft model.
             "draft": self.draft.name if method.drafter == "draft_model" else None,
             "device": "cpu",
             "dtype": None,
@@ -142,13 +144,13 @@ class Builder:
         if policy_label is not None:
             run["method"]["policy"] = policy_label
         config = {"stage": stage, "item": name, "run": run}
-        experiment.write_item(self.root / stage / name, config, rows, metrics, lossless)
+        store.write_item(self.root / stage / name, config, rows, metrics, lossless)
         if method.baseline:
             self.base = frame, steps
 
 
 def _reuse(source: Path, dest: Path) -> None:
-    """What lab.stage does for an identical configuration: copy the run, record where from."""
+    """What lab.pipeline.stage does for an identical configuration: copy the run, record where from."""
     shutil.copytree(source, dest)
     config = json.loads((dest / "config.json").read_text())
     config.update(stage=dest.parent.name, item=dest.name, reused_from=str(source))
@@ -312,7 +314,7 @@ def test_categories_pair_with_baseline(rendered: tuple[Path, list[Path]]) -> Non
 def test_step_breakdown_and_memory(rendered: tuple[Path, list[Path]], experiments: Path) -> None:
     reports, _ = rendered
     table = pd.read_csv(reports / "tables" / "step_breakdown.csv").set_index("configuration")
-    item = experiment.read_item(experiments / "ksweep" / "k2")
+    item = store.read_item(experiments / "ksweep" / "k2")
     steps = item.steps[item.steps["repetition"] == 0]
     expected = profiling.step_breakdown(steps)
     for phase in profiling.PHASES + ("step_ms",):
@@ -332,11 +334,11 @@ def test_step_breakdown_and_memory(rendered: tuple[Path, list[Path]], experiment
 def test_profiled_items_are_named(experiments: Path, tmp_path: Path) -> None:
     copy = tmp_path / "experiments"
     shutil.copytree(experiments, copy)
-    (copy / "ksweep" / "k2" / experiment.PROFILE).mkdir()
-    (copy / "ksweep" / "k2" / experiment.PROFILE / profiling.TRACE).write_text("{}")
+    (copy / "ksweep" / "k2" / store.PROFILE).mkdir()
+    (copy / "ksweep" / "k2" / store.PROFILE / profiling.TRACE).write_text("{}")
     report.render(copy, tmp_path / "reports", PARAMS)
     text = (tmp_path / "reports" / "report.md").read_text()
-    assert f"`{copy / 'ksweep' / 'k2' / experiment.PROFILE}`" in text
+    assert f"`{copy / 'ksweep' / 'k2' / store.PROFILE}`" in text
 
 
 def test_missing_stages_render(experiments: Path, tmp_path: Path) -> None:

@@ -13,10 +13,11 @@ import httpx2
 import pytest
 import uvicorn
 
-from lab import decode, http, server
-from lab.experiment import Method
+from lab.engine import decode
+from lab.engine.sampling import SamplingParams
+from lab.method import Method
 from lab.models import LoadedModel
-from lab.sampling import SamplingParams
+from lab.serve import http, server
 
 
 @contextmanager

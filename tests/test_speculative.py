@@ -7,12 +7,12 @@ import dataclasses
 import pytest
 import torch
 
-from lab import decode, speculative
-from lab.controllers import FixedK, HeuristicK, make_controller
-from lab.drafters import DraftModel
+from lab.drafting.draft_model import DraftModel
+from lab.engine import decode, speculative
+from lab.engine.controllers import FixedK, HeuristicK, make_controller
+from lab.engine.policies import get_policy
+from lab.engine.sampling import SamplingParams
 from lab.models import LoadedModel
-from lab.policies import get_policy
-from lab.sampling import SamplingParams
 
 
 def spec(

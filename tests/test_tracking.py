@@ -16,7 +16,7 @@ import pytest
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from lab import tracking
+from lab.pipeline import tracking
 
 ENV = ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_STAGE", "LAB_SESSION")
 

@@ -3,8 +3,8 @@
 import sys
 from pathlib import Path
 
-from lab import http
-from lab import params as P
+from lab.pipeline import params as P
+from lab.serve import http
 
 ROOT = Path(__file__).resolve().parents[2]  # the workspace root (also under dvc exp --temp)
 

@@ -6,13 +6,13 @@ from collections.abc import Callable
 
 import torch
 
-from lab.controllers import Controller
-from lab.decode import forward, forward_hidden, rollback, start_session
-from lab.drafters import Drafter
+from lab.engine.controllers import Controller
+from lab.engine.decode import forward, forward_hidden, rollback, start_session
+from lab.engine.drafter import Drafter
+from lab.engine.policies import PolicySpec
+from lab.engine.records import PromptResult
+from lab.engine.sampling import SamplingParams
 from lab.models import LoadedModel
-from lab.policies import PolicySpec
-from lab.records import PromptResult
-from lab.sampling import SamplingParams
 
 
 @torch.inference_mode()

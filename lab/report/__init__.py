@@ -18,10 +18,11 @@ import psutil
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, NullFormatter, ScalarFormatter
 
-from lab import experiment, profiling, summary
-from lab import params as P
-from lab.experiment import Item
-from lab.policies import POLICIES
+from lab import stats as summary
+from lab.engine.policies import POLICIES
+from lab.pipeline import params as P
+from lab.pipeline import profiling, store
+from lab.pipeline.store import Item
 
 # Stages whose items are decoding runs, in report order.
 STAGES = ("baseline", "ksweep", "policies", "drafters", "adaptive")
@@ -190,22 +191,22 @@ def _check_metrics(path: Path, metrics: Any, speculative: bool) -> None:
 
 
 def read(path: Path) -> Item:
-    """One item via experiment.read_item, checked so that a malformed file names itself."""
-    config = _read_json(path / experiment.CONFIG)
+    """One item via store.read_item, checked so that a malformed file names itself."""
+    config = _read_json(path / store.CONFIG)
     if not isinstance(config, dict) or not isinstance(config.get("run"), dict):
-        raise ReportError(f"{path / experiment.CONFIG}: expected an object with a 'run' object")
+        raise ReportError(f"{path / store.CONFIG}: expected an object with a 'run' object")
     method = config["run"].get("method")
     if not isinstance(method, dict):
-        raise ReportError(f"{path / experiment.CONFIG}: missing run.method")
-    _require(path / experiment.CONFIG, method, ("drafter", "policy", "k", "controller"), "keys")
-    metrics_path = path / experiment.METRICS
+        raise ReportError(f"{path / store.CONFIG}: missing run.method")
+    _require(path / store.CONFIG, method, ("drafter", "policy", "k", "controller"), "keys")
+    metrics_path = path / store.METRICS
     _check_metrics(metrics_path, _read_json(metrics_path), method["drafter"] != "none")
     try:
-        item = experiment.read_item(path)
+        item = store.read_item(path)
     except (OSError, ValueError) as err:  # pandas parse errors are ValueErrors without the path
         raise ReportError(f"{path}: cannot read item: {err}") from err
-    _require(path / experiment.PROMPTS, item.rows.columns, ROW_COLUMNS, "columns")
-    _require(path / experiment.STEPS, item.steps.columns, STEP_COLUMNS, "columns")
+    _require(path / store.PROMPTS, item.rows.columns, ROW_COLUMNS, "columns")
+    _require(path / store.STEPS, item.steps.columns, STEP_COLUMNS, "columns")
     return item
 
 
@@ -880,7 +881,7 @@ def lossless_section(results: Results) -> Section:
     """Lossless configurations under greedy must reproduce the baseline token for token."""
     section = Section("Lossless check")
     checks = {
-        label(i): _csv(i.path / experiment.LOSSLESS, LOSSLESS_COLUMNS) for i in results.speculative
+        label(i): _csv(i.path / store.LOSSLESS, LOSSLESS_COLUMNS) for i in results.speculative
     }
     # write_item leaves a header-only lossless.csv where no check ran (lossy or sampled runs).
     present = {name: f for name, f in checks.items() if f is not None and len(f)}
@@ -977,7 +978,7 @@ def breakdown_section(results: Results) -> Section:
     caption = "Mean ms per step (first repetition) by phase, and peak memory"
     section.tables.append(make_table("step_breakdown", caption, data))
     section.tables.append(make_table("memory", "Peak memory per stage", memory_by_stage(data)))
-    profiled = [f"`{i.path / experiment.PROFILE}`" for i in results.runs if _profiled(i)]
+    profiled = [f"`{i.path / store.PROFILE}`" for i in results.runs if _profiled(i)]
     if profiled:
         section.text.append(
             "Profiled with torch.profiler (timings include its overhead; Chrome traces, top "
@@ -997,7 +998,7 @@ def memory_by_stage(breakdown: pd.DataFrame) -> pd.DataFrame:
 
 
 def _profiled(item: Item) -> bool:
-    return (item.path / experiment.PROFILE / profiling.TRACE).is_file()
+    return (item.path / store.PROFILE / profiling.TRACE).is_file()
 
 
 def _drop_empty(data: pd.DataFrame, column: str) -> pd.DataFrame:

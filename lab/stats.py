@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from lab.records import StepRecord, cost_ratio, predicted_speedup
+from lab.engine.records import StepRecord, cost_ratio, predicted_speedup
 
 
 def per_prompt(rows: pd.DataFrame) -> pd.DataFrame:

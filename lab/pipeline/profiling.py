@@ -15,8 +15,8 @@ import pandas as pd
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from lab.records import PromptResult, StepRecord
-from lab.sampling import SamplingParams
+from lab.engine.records import PromptResult, StepRecord
+from lab.engine.sampling import SamplingParams
 
 TRACE = "trace.json"
 TOP_OPS = "top_ops.csv"
@@ -92,17 +92,18 @@ def result_steps(result: PromptResult) -> pd.DataFrame:
 
 def overhead(repetitions: int = 30, max_new_tokens: int = 32) -> dict[str, float]:
     """Wall time of one generation inside profiled(None) over the same generation bare."""
-    from lab import experiment, models  # experiment imports this module: import when used
+    from lab import models
+    from lab.method import Method, generate_one  # method imports this module: import when used
 
     target = models.load("tiny-random-qwen2", device="cpu")
     draft = models.load("tiny-random-qwen2-draft", device="cpu")
-    method = experiment.Method("draft_model", "exact", 4)
+    method = Method("draft_model", "exact", 4)
     ids = target.tokenizer.encode("def fibonacci(n):\n    if n < 2:\n        return n\n")
 
     def once(wrapped: bool) -> float:
         start = time.perf_counter()
         with profiled(None, target.device) if wrapped else nullcontext():
-            experiment.generate_one(method, target, draft, ids, max_new_tokens, SamplingParams(), 0)
+            generate_one(method, target, draft, ids, max_new_tokens, SamplingParams(), 0)
         return time.perf_counter() - start
 
     once(False)  # warm-up: first calls pay one-off allocation costs
@@ -120,8 +121,10 @@ def overhead(repetitions: int = 30, max_new_tokens: int = 32) -> dict[str, float
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m lab.profiling --overhead`: the cost of profiling off, as a ratio with spread."""
-    parser = argparse.ArgumentParser(prog="python -m lab.profiling", description=main.__doc__)
+    """`python -m lab.pipeline.profiling --overhead`: the cost of profiling off, as a ratio with spread."""
+    parser = argparse.ArgumentParser(
+        prog="python -m lab.pipeline.profiling", description=main.__doc__
+    )
     what = "time profiled(None) against no wrapper on a tiny random model"
     parser.add_argument("--overhead", action="store_true", required=True, help=what)
     parser.add_argument("--repetitions", type=int, default=30, help="interleaved pairs")

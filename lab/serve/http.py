@@ -20,9 +20,9 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from lab.prompts import Prompt
-from lab.summary import summarize
+from lab.stats import summarize
 
-log = logging.getLogger("lab.http")
+log = logging.getLogger("lab.serve.http")
 
 # --- errors ---------------------------------------------------------------------------------------
 
@@ -559,7 +559,7 @@ def summarize_load(run: LoadRun, seed: int = 0) -> dict[str, Any]:
 
 
 def frames(rows: list[dict[str, Any]]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Rows and their step records as the frames lab.summary works on."""
+    """Rows and their step records as the frames lab.stats works on."""
     frame = pd.DataFrame(rows)
     frame["question_id"] = frame["question_id"].astype(str)
     columns = ["question_id", "repetition", "step", "k", "proposed", "accepted", "emitted",
@@ -613,9 +613,9 @@ ERRORS = "errors.jsonl"  # one line per failed request (the rows in prompts.json
 
 def write_run(out: Path, config: dict[str, Any], run: LoadRun, metrics: dict[str, Any]) -> None:
     """experiments/<stage>/<item>/ in the local stages' layout, plus errors.jsonl."""
-    from lab import experiment
+    from lab.pipeline import store
 
-    experiment.write_item(out, config, run.rows, metrics)
+    store.write_item(out, config, run.rows, metrics)
     with open(out / ERRORS, "w") as f:
         for error in run.errors:
             f.write(json.dumps(error) + "\n")
@@ -723,7 +723,7 @@ class StageSettings:
 
 def _setting(section: Mapping[str, Any], key: str, check: Callable[[Any], bool], want: str) -> Any:
     """section[key], or a ParamsError naming loadtest.<key>, the value and what is allowed."""
-    from lab.params import ParamsError
+    from lab.pipeline.params import ParamsError
 
     if key not in section:
         raise ParamsError(f"params.yaml: missing key 'loadtest.{key}'")
@@ -747,7 +747,7 @@ def _lab_or_url(v: Any) -> bool:
 
 def _check_root(root: dict[str, Any]) -> None:
     """The root params.yaml keys the stage reads (and no others, so it runs beside any)."""
-    from lab import params as P
+    from lab.pipeline import params as P
 
     P.model_name(root, "target")
     P.sampling(root)
@@ -806,7 +806,7 @@ def stage_server(settings: StageSettings) -> Iterator[str]:
     if settings.server != "lab":
         yield settings.server
         return
-    from lab import server
+    from lab.serve import server
 
     with server.launched(settings.serve_args) as launched:
         log.info("lab serve %s at %s", " ".join(settings.serve_args), launched.url)
@@ -817,9 +817,10 @@ def run_stage(
     concurrency: int, out: Path, section: Mapping[str, Any], root: dict[str, Any]
 ) -> None:
     """One stage item: benchmark the server at this concurrency, write out/, log to MLflow."""
-    from lab import experiment, models, tracking
-    from lab import params as P
-    from lab.stage import _log
+    from lab import models
+    from lab.pipeline import params as P
+    from lab.pipeline import store, tracking
+    from lab.pipeline.stage import _log
 
     if not _positive_int(concurrency):
         raise P.ParamsError(f"params.yaml: loadtest.concurrency values must be positive integers, "
@@ -842,5 +843,5 @@ def run_stage(
             raise ServerError(f"every request failed; the first: {run.errors[0]['message']}")
         metrics = summarize_load(run, root["seed"])
         write_run(out, config, run, metrics)
-        _log(mlrun, experiment.read_item(out), out)
+        _log(mlrun, store.read_item(out), out)
     print(format_summary(metrics))

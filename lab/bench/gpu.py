@@ -22,11 +22,11 @@ import transformers
 from transformers import AutoModelForCausalLM, PreTrainedModel, Qwen2Config
 
 from lab import models
-from lab.drafters import Proposal
-from lab.fast import StaticEngine
+from lab.engine.drafter import Proposal
+from lab.engine.records import PromptResult
+from lab.engine.sampling import Sampler
+from lab.engine.static import StaticEngine
 from lab.models import LoadedModel, ModelError
-from lab.records import PromptResult
-from lab.sampling import Sampler
 
 # --- random models of real shapes -----------------------------------------------------------
 

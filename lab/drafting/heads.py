@@ -25,7 +25,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 from transformers import AutoModel, DynamicCache, PretrainedConfig, PreTrainedModel
 
-from lab.distill import Distilled
+from lab.drafting.distill import Distilled
 from lab.models import LoadedModel
 
 KINDS = ("medusa", "eagle")

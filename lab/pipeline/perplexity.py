@@ -10,8 +10,8 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from lab.experiment import Item
 from lab.models import LoadedModel
+from lab.pipeline.store import Item
 
 
 def check_window(window: int, stride: int) -> None:

@@ -21,7 +21,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from lab import packaged
+from lab.models import packaged
 
 # Model hubs are unreachable on the machines this suite was built on; never wait on one.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -10,9 +10,9 @@ import psutil
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from lab.engine.records import PromptResult, StepRecord
+from lab.engine.sampling import Sampler, SamplingParams
 from lab.models import LoadedModel
-from lab.records import PromptResult, StepRecord
-from lab.sampling import Sampler, SamplingParams
 
 _PROCESS = psutil.Process()
 

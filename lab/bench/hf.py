@@ -11,14 +11,16 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from lab import decode, fast, gpu, speculative
-from lab.controllers import FixedK
-from lab.decode import Clock
-from lab.drafters import DraftModel
-from lab.fast import StaticEngine
+from lab.bench import gpu
+from lab.drafting.draft_model import DraftModel
+from lab.engine import decode, speculative
+from lab.engine import static as fast
+from lab.engine.controllers import FixedK
+from lab.engine.decode import Clock
+from lab.engine.policies import get_policy
+from lab.engine.records import PromptResult
+from lab.engine.static import StaticEngine
 from lab.models import LoadedModel
-from lab.policies import get_policy
-from lab.records import PromptResult
 
 METHODS = ("hf_generate", "lab_baseline", "hf_assisted", "lab_speculative")
 ORACLE = "lab_speculative_oracle"

@@ -28,10 +28,10 @@ from fastapi.sse import EventSourceResponse, format_sse_event
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lab.experiment import DraftSource, Method, generate_one, make_drafter
+from lab.engine.records import PromptResult
+from lab.engine.sampling import SamplingParams
+from lab.method import DraftSource, Method, generate_one, make_drafter
 from lab.models import LoadedModel
-from lab.records import PromptResult
-from lab.sampling import SamplingParams
 
 log = logging.getLogger("lab.serve")
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from lab.sampling import Sampler
+from lab.engine.sampling import Sampler
 
 
 @dataclass(frozen=True)

@@ -23,13 +23,13 @@ from typing import Protocol
 import torch
 from transformers import DynamicCache, StaticCache
 
-from lab.controllers import Controller
-from lab.decode import Clock, Session, check_generation_args, forward, rollback
-from lab.drafters import Drafter
+from lab.engine.controllers import Controller
+from lab.engine.decode import Clock, Session, check_generation_args, forward, rollback
+from lab.engine.drafter import Drafter
+from lab.engine.policies import PolicySpec
+from lab.engine.records import PromptResult
+from lab.engine.sampling import Sampler, SamplingParams
 from lab.models import LoadedModel
-from lab.policies import PolicySpec
-from lab.records import PromptResult
-from lab.sampling import Sampler, SamplingParams
 
 # Every step size (and the cache-length guard) is one dynamo cache entry of the same code
 # object; the default limit of 8 would silently drop K sweeps back to eager.

@@ -9,11 +9,13 @@ from typing import Any
 
 import pandas as pd
 
-from lab import experiment, heads, models, profiling, tracking
-from lab import params as P
-from lab.experiment import Method
-from lab.policies import get_policy
-from lab.summary import summarize
+from lab import models
+from lab.drafting import heads
+from lab.engine.policies import get_policy
+from lab.method import DraftSource, Method
+from lab.pipeline import params as P
+from lab.pipeline import profiling, store, suite, tracking
+from lab.stats import summarize
 
 EXPERIMENTS = Path("experiments")
 BASELINE = EXPERIMENTS / "baseline" / "target"
@@ -51,13 +53,13 @@ def _generate(
     """Load the models a method needs and run it over the prompt suite (profiled into a dir)."""
     load = {"device": params["models"].get("device"), "dtype": params["models"].get("dtype")}
     target = models.load(P.model_name(params, "target"), **load)
-    draft: experiment.DraftSource = None
+    draft: DraftSource = None
     if method.drafter == "draft_model":
         models.check_pair(target.name, P.model_name(params, "draft"))
         draft = models.load(P.model_name(params, "draft"), **load)
     elif method.drafter in heads.KINDS:
         draft = heads.load(method.drafter_params["heads"], target, kind=method.drafter)
-    return experiment.run(
+    return suite.run(
         method, target, draft, P.prompts(params), params["generation"]["max_new_tokens"],
         P.sampling(params), params["seed"], params["run"]["repetitions"], params["run"]["warmup"],
         desc=desc, profile_dir=profile_dir,
@@ -65,14 +67,14 @@ def _generate(
 
 
 def _lossless(
-    params: dict[str, Any], method: Method, rows: pd.DataFrame, base: experiment.Item | None
+    params: dict[str, Any], method: Method, rows: pd.DataFrame, base: store.Item | None
 ) -> pd.DataFrame | None:
     """Per-prompt identity with the baseline, for lossless methods under greedy decoding."""
     if base is None or not get_policy(method.policy).lossless or not P.sampling(params).greedy:
         return None
     load = {"device": params["models"].get("device"), "dtype": params["models"].get("dtype")}
     target = models.load(P.model_name(params, "target"), **load)
-    return experiment.lossless_check(target, rows, base.rows)
+    return suite.lossless_check(target, rows, base.rows)
 
 
 def run(stage: str, item: str, method: Method, reuse_from: tuple[str, ...] = ()) -> Path:
@@ -80,16 +82,16 @@ def run(stage: str, item: str, method: Method, reuse_from: tuple[str, ...] = ())
     params = load_params()
     config = {"stage": stage, "item": item, "run": run_config(params, method)}
     out = EXPERIMENTS / stage / item
-    base = None if method.baseline else experiment.read_item(BASELINE)
-    same = experiment.find_same(config, [EXPERIMENTS / s for s in reuse_from])
+    base = None if method.baseline else store.read_item(BASELINE)
+    same = store.find_same(config, [EXPERIMENTS / s for s in reuse_from])
     with tracking.stage_run(stage, item, config, device=str(models.resolve_device())) as mlrun:
         lossless, profile_dir = None, None
         if same is not None:
             # Identical configuration already run by an upstream stage: reuse, never re-run.
             config["reused_from"] = str(same)
-            rows = _rows_from(experiment.read_item(same))
-            if (same / experiment.LOSSLESS).exists():
-                lossless = pd.read_csv(same / experiment.LOSSLESS)
+            rows = _rows_from(store.read_item(same))
+            if (same / store.LOSSLESS).exists():
+                lossless = pd.read_csv(same / store.LOSSLESS)
         else:
             profile_dir = _profile_dir(out) if P.profile(params) else None
             rows = _generate(params, method, f"{stage}/{item}", profile_dir)
@@ -103,21 +105,21 @@ def run(stage: str, item: str, method: Method, reuse_from: tuple[str, ...] = ())
             lossless = _lossless(params, method, frame, base)
         if profile_dir is not None:
             profiling.write_breakdown(profile_dir, steps)
-        experiment.write_item(out, config, rows, metrics, lossless, profile_dir)
-        _log(mlrun, experiment.read_item(out), out)
+        store.write_item(out, config, rows, metrics, lossless, profile_dir)
+        _log(mlrun, store.read_item(out), out)
     return out
 
 
 def _profile_dir(out: Path) -> Path:
     """An empty folder beside the item to profile into; write_item moves it inside the item."""
     # A dot-folder, like write_item's temporary: a killed run's leftover is never read as results.
-    path = out.with_name(f".{out.name}.{experiment.PROFILE}")
+    path = out.with_name(f".{out.name}.{store.PROFILE}")
     shutil.rmtree(path, ignore_errors=True)
     return path
 
 
-def _rows_from(item: experiment.Item) -> list[dict[str, Any]]:
-    """Rows in the shape experiment.run returns (steps nested), from files on disk."""
+def _rows_from(item: store.Item) -> list[dict[str, Any]]:
+    """Rows in the shape suite.run returns (steps nested), from files on disk."""
     steps = item.steps.groupby(["question_id", "repetition"])
     rows = []
     for row in item.rows.to_dict("records"):
@@ -128,7 +130,7 @@ def _rows_from(item: experiment.Item) -> list[dict[str, Any]]:
     return rows
 
 
-def _log(mlrun: tracking.StageRun, item: experiment.Item, out: Path) -> None:
+def _log(mlrun: tracking.StageRun, item: store.Item, out: Path) -> None:
     """Every per-step record, per-prompt summary and summary metric, plus the files."""
     steps = item.steps.reset_index(drop=True)
     steps["prompt_index"] = pd.factorize(steps["question_id"])[0]

@@ -7,12 +7,13 @@ from typing import Any
 
 import yaml
 
-from lab import heads, models
-from lab.controllers import CONTROLLERS, make_controller
-from lab.drafters import DRAFTERS, drafter_settings
-from lab.policies import POLICIES, make_policy
+from lab import models
+from lab.drafting import heads
+from lab.drafting.registry import DRAFTERS, drafter_settings
+from lab.engine.controllers import CONTROLLERS, make_controller
+from lab.engine.policies import POLICIES, make_policy
+from lab.engine.sampling import SamplingParams
 from lab.prompts import BUILTIN_TRAIN, Prompt, PromptError, load_suite
-from lab.sampling import SamplingParams
 
 
 class ParamsError(ValueError):

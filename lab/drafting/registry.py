@@ -1,0 +1,49 @@
+"""lab.drafting.registry (split from lab/drafters.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lab.drafting.draft_model import DraftModel
+from lab.drafting.eagle import EagleDrafter
+from lab.drafting.medusa import MedusaDrafter
+from lab.drafting.prompt_lookup import PromptLookup
+
+DRAFTERS: dict[str, type[DraftModel] | type[PromptLookup] | type[MedusaDrafter]
+               | type[EagleDrafter]] = {
+    "draft_model": DraftModel,
+    "prompt_lookup": PromptLookup,
+    "medusa": MedusaDrafter,
+    "eagle": EagleDrafter,
+}  # fmt: skip
+
+# Each drafter's settings with their defaults (params.yaml drafters.params.<name>, the CLI).
+# heads: the folder of trained heads (lab.drafting.heads.save) that the pipeline and the CLI load.
+DRAFTER_SETTINGS: dict[str, dict[str, Any]] = {
+    "draft_model": {},
+    "prompt_lookup": {"max_ngram": 3},
+    "medusa": {"heads": None},
+    "eagle": {"heads": None},
+}
+
+
+def drafter_settings(name: str, **params: Any) -> dict[str, Any]:
+    """A drafter's settings with defaults filled in; unknown names, keys or bad values raise."""
+    if name not in DRAFTERS:
+        raise ValueError(f"unknown drafter {name!r}: use one of {', '.join(DRAFTERS)}")
+    defaults = DRAFTER_SETTINGS[name]
+    unknown = sorted(set(params) - set(defaults))
+    if unknown:
+        takes = ", ".join(defaults) or "no settings"
+        raise ValueError(f"drafter {name!r} has no setting {', '.join(unknown)}; it takes {takes}")
+    settings = {**defaults, **params}
+    ngram = settings.get("max_ngram", 1)
+    if not isinstance(ngram, int) or isinstance(ngram, bool) or ngram < 1:
+        raise ValueError(f"drafter {name!r}: max_ngram must be an integer >= 1, got {ngram!r}")
+    heads = settings.get("heads")
+    if heads is not None and not (isinstance(heads, str) and heads):
+        raise ValueError(
+            f"drafter {name!r}: heads must be the folder of its trained heads "
+            f"(e.g. experiments/heads/{name}), got {heads!r}"
+        )
+    return settings

@@ -1,0 +1,37 @@
+"""lab.engine.drafter (split from lab/drafters.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from lab.engine.sampling import Sampler
+
+
+@dataclass
+class Proposal:
+    """P <= K draft tokens (P,) and, for lossless sampling, the (P, V) distributions behind them."""
+
+    tokens: torch.Tensor
+    probs: torch.Tensor | None
+
+
+class Drafter(Protocol):
+    """Proposes continuations of the sequence so far; keeps whatever state it needs in sync."""
+
+    # True: the loop runs the target with output_hidden_states and calls observe() after each
+    # target forward (prefill included). False costs the other drafters nothing.
+    needs_hidden: bool
+
+    def start(self, prompt_ids: list[int]) -> None: ...
+
+    def propose(
+        self, sequence: list[int], k: int, sampler: Sampler, want_probs: bool
+    ) -> Proposal: ...
+
+    def observe(self, hidden_states: torch.Tensor, start: int) -> None:
+        """(n, H) target last hidden states of positions start .. start+n-1."""
+
+    def rollback(self, length: int) -> None: ...

@@ -1,0 +1,79 @@
+"""lab.method (split from lab/experiment.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from lab.drafting.draft_model import DraftModel
+from lab.drafting.eagle import EagleDrafter
+from lab.drafting.heads import EagleHead, MedusaHeads, vocab_size
+from lab.drafting.medusa import MedusaDrafter
+from lab.drafting.prompt_lookup import PromptLookup
+from lab.drafting.registry import drafter_settings
+from lab.engine import decode, speculative
+from lab.engine.controllers import make_controller
+from lab.engine.drafter import Drafter
+from lab.engine.policies import make_policy
+from lab.engine.records import PromptResult
+from lab.engine.sampling import SamplingParams
+from lab.models import LoadedModel
+
+
+@dataclass(frozen=True)
+class Method:
+    """One decoding configuration: the baseline (drafter 'none') or a speculative one."""
+
+    drafter: str = "none"
+    policy: str = "exact"
+    k: int = 0
+    controller: str = "fixed"
+    controller_params: dict[str, Any] = field(default_factory=dict)
+    policy_params: dict[str, Any] = field(default_factory=dict)
+    drafter_params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def baseline(self) -> bool:
+        return self.drafter == "none"
+
+
+# What a drafter runs on: the draft model, trained heads (lab.drafting.heads.load), or nothing.
+DraftSource = LoadedModel | MedusaHeads | EagleHead | None
+
+
+def make_drafter(method: Method, target: LoadedModel, draft: DraftSource) -> Drafter:
+    """A fresh drafter for the method; unknown names list the valid ones."""
+    name = method.drafter
+    settings = drafter_settings(name, **method.drafter_params)
+    if name == "prompt_lookup":
+        return PromptLookup(vocab_size(target.model), settings["max_ngram"], target.device)
+    if name == "draft_model" and isinstance(draft, LoadedModel):
+        return DraftModel(draft)
+    if name == "medusa" and isinstance(draft, MedusaHeads):
+        return MedusaDrafter(target, draft)
+    if name == "eagle" and isinstance(draft, EagleHead):
+        return EagleDrafter(target, draft)
+    what = "a draft model (models.draft)" if name == "draft_model" else f"trained {name} heads"
+    raise ValueError(f"drafter {name!r} needs {what}, got {type(draft).__name__}")
+
+
+def generate_one(
+    method: Method,
+    target: LoadedModel,
+    draft: DraftSource,
+    ids: list[int],
+    max_new_tokens: int,
+    sampling: SamplingParams,
+    seed: int,
+    on_tokens: Callable[[list[int]], None] | None = None,
+) -> PromptResult:
+    """One prompt under one method (fresh drafter and controller state)."""
+    if method.baseline:
+        return decode.generate(target, ids, max_new_tokens, sampling, seed, on_tokens)
+    controller = make_controller(method.controller, method.k, **method.controller_params)
+    policy = make_policy(method.policy, **method.policy_params)
+    return speculative.generate(
+        target, make_drafter(method, target, draft), policy, controller,
+        ids, max_new_tokens, sampling, seed, on_tokens,
+    )  # fmt: skip

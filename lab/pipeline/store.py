@@ -1,0 +1,99 @@
+"""lab.pipeline.store (split from lab/experiment.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+# Files of one stage item, experiments/<stage>/<item>/:
+CONFIG = "config.json"  # the resolved configuration (method, models, prompts, generation)
+PROMPTS = "prompts.jsonl"  # one line per prompt and repetition: summary, tokens, text
+STEPS = "steps.csv"  # one row per step: question_id, repetition and the StepRecord fields
+METRICS = "metrics.json"  # summary metrics (DVC metrics)
+LOSSLESS = "lossless.csv"  # per prompt, for lossless methods: identical to baseline or where not
+PROFILE = "profile"  # folder, only when profiled: trace.json, top_ops.csv, step_breakdown.csv
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Swap a fully written folder into place, so a killed stage never leaves half an output."""
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_item(
+    out_dir: Path,
+    config: dict[str, Any],
+    rows: list[dict[str, Any]],
+    metrics: dict[str, Any],
+    lossless: pd.DataFrame | None = None,
+    profile: Path | None = None,
+) -> None:
+    """Write one stage item's files (atomically, as a folder); profile is a folder moved in."""
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if profile is not None:
+        os.replace(profile, tmp / PROFILE)
+    (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    with open(tmp / PROMPTS, "w") as f:
+        for row in rows:
+            f.write(json.dumps({k: v for k, v in row.items() if k != "steps"}) + "\n")
+    steps = [
+        {"question_id": r["question_id"], "repetition": r["repetition"], **s}
+        for r in rows
+        for s in r["steps"]
+    ]
+    pd.DataFrame(steps, columns=_STEP_COLUMNS).to_csv(tmp / STEPS, index=False)
+    (tmp / METRICS).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    # Always written (empty when not applicable) so DVC can declare it for every item.
+    if lossless is None:
+        lossless = pd.DataFrame(columns=["question_id", "identical", "first_diff", "logit_margin"])
+    lossless.to_csv(tmp / LOSSLESS, index=False)
+    _replace_dir(tmp, out_dir)
+
+
+_STEP_COLUMNS = ["question_id", "repetition", "step", "k", "proposed", "accepted", "emitted",
+                 "draft_ms", "verify_ms", "step_ms", "rss_mb", "accept_ms"]  # fmt: skip
+
+
+@dataclass
+class Item:
+    """One stage item read back from disk."""
+
+    path: Path
+    config: dict[str, Any]
+    rows: pd.DataFrame
+    steps: pd.DataFrame
+    metrics: dict[str, Any]
+
+
+def read_item(path: Path) -> Item:
+    """Read experiments/<stage>/<item>/ (raises FileNotFoundError naming the missing file)."""
+    rows = pd.read_json(path / PROMPTS, lines=True)
+    rows["question_id"] = rows["question_id"].astype(str)  # ids may be ints or strings
+    return Item(
+        path=path,
+        config=json.loads((path / CONFIG).read_text()),
+        rows=rows,
+        steps=pd.read_csv(path / STEPS, dtype={"question_id": str}),
+        metrics=json.loads((path / METRICS).read_text()),
+    )
+
+
+def find_same(config: dict[str, Any], roots: list[Path]) -> Path | None:
+    """An item under roots whose run-defining config equals this one (to reuse, not re-run)."""
+    for root in roots:
+        for candidate in sorted(root.glob(f"*/{CONFIG}")):
+            if json.loads(candidate.read_text()).get("run") == config["run"]:
+                return candidate.parent
+    return None
