@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 # .dvc/config's plots.html_template is relative to .dvc/ (dvc/commands/plots.py).
-TEMPLATE = Path(__file__).resolve().parents[1] / ".dvc" / "plots_offline.html"
+TEMPLATE = Path(__file__).resolve().parents[2] / ".dvc" / "plots_offline.html"
 REGISTRY = "https://registry.npmjs.org"
 
 
