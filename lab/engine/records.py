@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 # Every decoder (baseline, each drafter, each policy) returns these two shapes, so every
@@ -24,6 +23,13 @@ class StepRecord:
     step_ms: float
     rss_mb: float
     accept_ms: float = 0.0  # policy decision, emission and cache rollback (speculative only)
+
+
+# The one step-record schema: steps.csv, the report, MLflow's per-step series and the HTTP
+# load test's records all use these columns, in this order.
+STEP_FIELDS = tuple(f.name for f in fields(StepRecord))
+STEP_KEYS = ("question_id", "repetition")  # which generation a step belongs to
+STEP_COLUMNS = STEP_KEYS + STEP_FIELDS
 
 
 @dataclass
@@ -132,7 +138,3 @@ def predicted_speedup(alpha: float, k: float, c: float) -> float:
         return (k + 1) / (c * k + 1)
     return (1 - alpha ** (k + 1)) / ((1 - alpha) * (c * k + 1))
 
-
-def geometric_mean(values: list[float]) -> float:
-    """Geometric mean of positive values."""
-    return math.exp(sum(math.log(v) for v in values) / len(values))
