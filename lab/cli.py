@@ -233,13 +233,14 @@ def _generate_drafter(args: argparse.Namespace) -> tuple[str | None, dict[str, A
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
-    from lab.engine import decode, speculative
-    from lab.method import Method, make_drafter
+    from lab.method import Method, generate_one
     from lab.pipeline import profiling
 
     # Everything that can be wrong with the arguments is checked before a model loads.
-    policy = make_policy(args.policy, **_options(args.policy_opt, "policy"))
-    controller = make_controller(args.controller, args.k, **_options(args.controller_opt))
+    policy_params = _options(args.policy_opt, "policy")
+    controller_params = _options(args.controller_opt)
+    make_policy(args.policy, **policy_params)
+    make_controller(args.controller, args.k, **controller_params)
     params = SamplingParams(args.temperature, args.top_k, args.top_p)
     if not args.prompt.strip():
         raise PromptError("the prompt is empty")
@@ -248,17 +249,14 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     chat = False if args.no_chat_template else None
     ids = encode(Prompt("cli", "cli", (args.prompt,)), target.tokenizer, chat)
     profile_dir = Path(args.profile) if args.profile else None
+    method = Method(
+        drafter or "none", args.policy, args.k, args.controller,
+        controller_params=controller_params, policy_params=policy_params, drafter_params=settings,
+    )  # fmt: skip
+    trained = drafter in heads.KINDS
+    source = heads.load(settings["heads"], target, drafter) if trained else draft
     with profiling.profiled(profile_dir, target.device):
-        if drafter is None:
-            result = decode.generate(target, ids, args.max_new_tokens, params, args.seed)
-        else:
-            method = Method(drafter, args.policy, args.k, drafter_params=settings)
-            trained = drafter in heads.KINDS
-            source = heads.load(settings["heads"], target, drafter) if trained else draft
-            result = speculative.generate(
-                target, make_drafter(method, target, source), policy, controller, ids,
-                args.max_new_tokens, params, args.seed,
-            )  # fmt: skip
+        result = generate_one(method, target, source, ids, args.max_new_tokens, params, args.seed)
     if profile_dir is not None:
         steps = profiling.result_steps(result)
         profiling.write_breakdown(profile_dir, steps, prefill_ms=result.prefill_ms)
@@ -285,19 +283,19 @@ def _cmd_generate(args: argparse.Namespace) -> None:
 
 
 def _load_bench_pair(args: argparse.Namespace) -> tuple[models.LoadedModel, models.LoadedModel]:
-    """_load_pair for bench, which also takes the random real-shape models of lab.bench.gpu."""
-    from lab.bench import gpu
+    """_load_pair for bench, which also takes the random real-shape models of lab.models.random."""
+    from lab.models import random as random_models
 
-    gpu.check_name(args.target)
-    gpu.check_name(args.draft)
-    gpu.check_pair(args.target, args.draft, args.trust_remote_code)
+    random_models.check_name(args.target)
+    random_models.check_name(args.draft)
+    random_models.check_pair(args.target, args.draft, args.trust_remote_code)
     load = {"device": args.device, "dtype": args.dtype, "trust_remote_code": args.trust_remote_code}
-    return gpu.load(args.target, **load), gpu.load(args.draft, **load)
+    return random_models.load(args.target, **load), random_models.load(args.draft, **load)
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
-    from lab.bench import gpu
     from lab.bench import hf as bench
+    from lab.bench import results
 
     for k in [args.k, *(args.ks or [])]:
         make_controller("fixed", k)  # validates every K
@@ -311,8 +309,8 @@ def _cmd_bench(args: argparse.Namespace) -> None:
         oracle=args.oracle, static_cache=args.static_cache, compile=args.compile, ks=args.ks,
     )  # fmt: skip
     if args.out:
-        tag = args.tag or gpu.default_tag(result)
-        for path in gpu.write(result, Path(args.out), tag):
+        tag = args.tag or results.default_tag(result)
+        for path in results.write(result, Path(args.out), tag):
             print(f"wrote {path}", file=sys.stderr)
     if args.json:
         print(json.dumps(result))
@@ -373,33 +371,35 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     method = (
         Method("draft_model", args.policy, args.k, args.controller, options) if draft else Method()
     )
-    engine = server.Engine(target, draft, method, args.max_queue)
-    settings = server.Settings(args.served_model_name or target.name, args.max_new_tokens)
-    server.serve(server.create_app(engine, settings), args.host, args.port, args.ready_file)
+    worker = server.Worker(target, draft, method, args.max_queue)
+    config = server.APIConfig(args.served_model_name or target.name, args.max_new_tokens)
+    server.serve(server.create_app(worker, config), args.host, args.port, args.ready_file)
 
 
 def _cmd_loadtest(args: argparse.Namespace) -> None:
     import asyncio
 
-    from lab.serve import http
+    from lab.pipeline.loadtest import write_run
+    from lab.serve import load
+    from lab.serve.client import ClientConfig, Request, ServerError
 
-    spec = http.LoadSpec(args.requests, args.concurrency or None, args.rate, args.warmup, args.seed)
-    config = http.ClientConfig(args.url, args.model, args.timeout, retries=args.retries)
+    spec = load.LoadSpec(args.requests, args.concurrency or None, args.rate, args.warmup, args.seed)
+    config = ClientConfig(args.url, args.model, args.timeout, retries=args.retries)
     extra = json.loads(args.extra or "{}")
-    template = http.Request("", args.endpoint == "chat", not args.no_stream, args.max_tokens,
-                            args.temperature, args.seed, extra)  # fmt: skip
+    template = Request("", args.endpoint == "chat", not args.no_stream, args.max_tokens,
+                       args.temperature, args.seed, extra)  # fmt: skip
     prompts = load_suite(args.prompts, args.categories, args.per_category)
     tokenizer = models.load_tokenizer(args.tokenizer) if args.tokenizer else None
     try:
-        run = asyncio.run(http.benchmark(config, prompts, template, spec, tokenizer))
-    except http.ServerError as err:
+        run = asyncio.run(load.benchmark(config, prompts, template, spec, tokenizer))
+    except ServerError as err:
         raise SystemExit(f"lab: error: {err}") from None
-    metrics = http.summarize_load(run, args.seed)
+    metrics = load.summarize_load(run, args.seed)
     if args.out:
         record = {"server": args.url, "endpoint": args.endpoint, "model": config.model,
                   "request": template.body(config.model), **vars(args)}  # fmt: skip
-        http.write_run(args.out, json.loads(json.dumps(record, default=str)), run, metrics)
-    print(json.dumps(metrics) if args.json else http.format_summary(metrics))
+        write_run(args.out, json.loads(json.dumps(record, default=str)), run, metrics)
+    print(json.dumps(metrics) if args.json else load.format_summary(metrics))
     for error in run.errors[:5]:
         print(f"request {error['request_index']}: {error['message']}", file=sys.stderr)
 

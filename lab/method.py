@@ -12,13 +12,14 @@ from lab.drafting.heads import EagleHead, MedusaHeads, vocab_size
 from lab.drafting.medusa import MedusaDrafter
 from lab.drafting.prompt_lookup import PromptLookup
 from lab.drafting.registry import drafter_settings
-from lab.engine import decode, speculative
+from lab.engine import loop
 from lab.engine.controllers import make_controller
 from lab.engine.drafter import Drafter
+from lab.engine.loop import Speculation
+from lab.engine.model import LoadedModel
 from lab.engine.policies import make_policy
 from lab.engine.records import PromptResult
 from lab.engine.sampling import SamplingParams
-from lab.models import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -70,10 +71,15 @@ def generate_one(
 ) -> PromptResult:
     """One prompt under one method (fresh drafter and controller state)."""
     if method.baseline:
-        return decode.generate(target, ids, max_new_tokens, sampling, seed, on_tokens)
+        return loop.generate(target, ids, max_new_tokens, sampling, seed, on_tokens)
     controller = make_controller(method.controller, method.k, **method.controller_params)
     policy = make_policy(method.policy, **method.policy_params)
-    return speculative.generate(
-        target, make_drafter(method, target, draft), policy, controller,
-        ids, max_new_tokens, sampling, seed, on_tokens,
-    )  # fmt: skip
+    return loop.generate(
+        target,
+        ids,
+        max_new_tokens,
+        sampling,
+        seed,
+        on_tokens,
+        speculation=Speculation(make_drafter(method, target, draft), policy, controller),
+    )

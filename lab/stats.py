@@ -150,3 +150,20 @@ def pooled_perplexity(outputs: pd.DataFrame) -> float:
     return math.exp(
         (scored["tokens"] * np.log(scored["perplexity"])).sum() / scored["tokens"].sum()
     )
+
+
+# Where a step's wall time goes; bookkeeping is the rest of step_ms.
+PHASES = ("draft_ms", "verify_ms", "accept_ms", "bookkeeping_ms")
+
+
+def phases(steps: pd.DataFrame) -> pd.DataFrame:
+    """Per-step ms in each of PHASES, and step_ms (steps.csv rows)."""
+    out = steps[["draft_ms", "verify_ms", "accept_ms"]].copy()
+    out["bookkeeping_ms"] = steps["step_ms"] - out.sum(axis=1)
+    out["step_ms"] = steps["step_ms"]
+    return out
+
+
+def step_breakdown(steps: pd.DataFrame) -> dict[str, float]:
+    """Mean ms per step in each of PHASES, and of step_ms."""
+    return {name: float(value) for name, value in phases(steps).mean().items()}

@@ -1,7 +1,7 @@
 """Stage report: tables and figures from experiments/ alone; closes the MLflow session run."""
 
-from lab import report
 from lab.pipeline import tracking
+from lab.report import render
 
-report.main()
+render.main()
 tracking.finish_session()

@@ -10,13 +10,14 @@ from lab.drafting.heads import EagleHead, MedusaHeads, ResBlock, choose_vocab, v
 from lab.drafting.medusa import MedusaDrafter
 from lab.drafting.prompt_lookup import PromptLookup, lookup
 from lab.drafting.registry import drafter_settings
-from lab.engine import decode, speculative
+from lab.engine import loop
 from lab.engine.controllers import FixedK
 from lab.engine.drafter import Drafter
+from lab.engine.loop import Speculation
+from lab.engine.model import LoadedModel
 from lab.engine.policies import get_policy
 from lab.engine.sampling import Sampler, SamplingParams
 from lab.method import Method, make_drafter
-from lab.models import LoadedModel
 
 GREEDY = Sampler(SamplingParams(), seed=0, device=torch.device("cpu"))
 N = 32  # new tokens per generation
@@ -86,9 +87,11 @@ def drafters(lm: LoadedModel) -> dict[str, Drafter]:
 @pytest.mark.parametrize("k", [1, 2, 4, 7])
 def test_greedy_equals_baseline(request, model, k, prompt_ids):
     lm = request.getfixturevalue(model)
-    base = decode.generate(lm, prompt_ids, N)
+    base = loop.generate(lm, prompt_ids, N)
     for name, drafter in drafters(lm).items():
-        out = speculative.generate(lm, drafter, get_policy("exact"), FixedK(k), prompt_ids, N)
+        out = loop.generate(
+            lm, prompt_ids, N, speculation=Speculation(drafter, get_policy("exact"), FixedK(k))
+        )
         assert out.token_ids == base.token_ids, name
         assert all(s.proposed <= min(k, s.k) for s in out.steps)
         if isinstance(drafter, MedusaDrafter):
@@ -96,10 +99,13 @@ def test_greedy_equals_baseline(request, model, k, prompt_ids):
 
 
 def test_rejection_sampling_greedy_equals_baseline(qwen2, prompt_ids):
-    base = decode.generate(qwen2, prompt_ids, N)
+    base = loop.generate(qwen2, prompt_ids, N)
     for name, drafter in drafters(qwen2).items():
-        out = speculative.generate(
-            qwen2, drafter, get_policy("rejection"), FixedK(3), prompt_ids, N
+        out = loop.generate(
+            qwen2,
+            prompt_ids,
+            N,
+            speculation=Speculation(drafter, get_policy("rejection"), FixedK(3)),
         )
         assert out.token_ids == base.token_ids, name
 
@@ -109,8 +115,13 @@ def test_sampling_is_seeded(qwen2, prompt_ids, name):
     params = SamplingParams(temperature=0.9, top_k=40)
     policy = get_policy("rejection")
     runs = [
-        speculative.generate(
-            qwen2, drafters(qwen2)[name], policy, FixedK(3), prompt_ids, N, params, seed
+        loop.generate(
+            qwen2,
+            prompt_ids,
+            N,
+            params,
+            seed,
+            speculation=Speculation(drafters(qwen2)[name], policy, FixedK(3)),
         )  # fmt: skip
         for seed in (5, 5, 6)
     ]
@@ -119,9 +130,15 @@ def test_sampling_is_seeded(qwen2, prompt_ids, name):
 
 def test_prompt_lookup_without_match_is_a_decode_step(qwen2):
     ids = list(range(40, 60))  # no repeated token: nothing to look up at first
-    out = speculative.generate(qwen2, PromptLookup(vocab_size(qwen2.model)), get_policy("exact"),
-                               FixedK(4), ids, 12)  # fmt: skip
-    assert out.token_ids == decode.generate(qwen2, ids, 12).token_ids
+    out = loop.generate(
+        qwen2,
+        ids,
+        12,
+        speculation=Speculation(
+            PromptLookup(vocab_size(qwen2.model)), get_policy("exact"), FixedK(4)
+        ),
+    )
+    assert out.token_ids == loop.generate(qwen2, ids, 12).token_ids
     assert out.steps[0].proposed == 0 and out.steps[0].emitted == 1
 
 

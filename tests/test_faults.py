@@ -1,4 +1,7 @@
-"""Fault tests (issue 6): killed stages, reruns, bad inputs, determinism, parallel experiments."""
+"""Fault tests (issue 6): killed stages, reruns, bad inputs, determinism, parallel experiments.
+
+Each test that runs DVC gets its own copy of the one reproduced smoke pipeline (`smoke_copy`).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import json
 import signal
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,27 +25,10 @@ from lab.method import Method
 from lab.pipeline.suite import run as run_method
 from lab.prompts import load_suite
 from lab.stats import summarize
-from tests.smoke import make_repo, run
+from tests.smoke import Repo, run
 
-# The smoke profile with one or two items per matrix: the faults need the pipeline's shape (every
-# stage, reuse, nesting), not every configuration, and each stage process costs seconds to start.
-TRIMMED = {
-    "ksweep": {"ks": [2]},
-    "policies": {"names": ["exact", "confidence"]},
-    "drafters": {"names": ["draft_model", "prompt_lookup"]},
-    "heads": {"names": ["medusa"]},
-    "adaptive": {"controllers": ["adaptive"]},
-}
 TIMING = {"prefill_ms", "total_ms", "tokens_per_s", "ttft_ms", "peak_rss_mb", "draft_prefill_ms",
           "steps"}  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
-    path = tmp_path_factory.mktemp("faults")
-    env = make_repo(path, "faults", TRIMMED)
-    run(["dvc", "repro"], path, env)
-    return path, env
 
 
 def _digest(path: Path) -> str:
@@ -54,8 +41,8 @@ def _digest(path: Path) -> str:
 
 def _runs(path: Path, stage: str) -> list:
     client = MlflowClient(f"sqlite:///{path / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("faults")
-    assert exp is not None, "no MLflow experiment 'faults' was created"
+    exp = client.get_experiment_by_name("smoke")
+    assert exp is not None, "no MLflow experiment 'smoke' was created"
     return client.search_runs([exp.experiment_id], f"tags.stage = '{stage}'", max_results=500)
 
 
@@ -127,8 +114,8 @@ def _empty_prompt(path: Path) -> None:
     ],
     ids=["malformed-yaml", "missing-prompt-file", "prompt-beyond-context", "empty-prompt"],
 )  # fmt: skip
-def test_bad_input_fails_clearly_and_keeps_results(repo, edit, message):
-    path, env = repo
+def test_bad_input_fails_clearly_and_keeps_results(smoke_copy: Repo, edit, message) -> None:
+    path, env = smoke_copy
     params = path / "params.yaml"
     good = params.read_text()
     digest = _digest(path)
@@ -145,9 +132,10 @@ def test_bad_input_fails_clearly_and_keeps_results(repo, edit, message):
     assert run(["dvc", "status", "dvc.yaml"], path, env).stdout.strip().endswith("up to date.")
 
 
-def test_queued_experiments_in_parallel_keep_their_runs_apart(repo):
-    path, env = repo
-    # An adaptive-controller setting: each experiment re-runs adaptive, perplexity and report.
+def test_queued_experiments_in_parallel_keep_their_runs_apart(smoke_copy: Repo) -> None:
+    path, env = smoke_copy
+    # An adaptive-controller setting: each experiment re-runs both adaptive items (they share the
+    # adaptive params section), perplexity and report.
     windows = {"qw2": 2, "qw6": 6}
     for name, window in windows.items():
         run(["dvc", "exp", "run", "--queue", "-n", name,
@@ -162,13 +150,16 @@ def test_queued_experiments_in_parallel_keep_their_runs_apart(repo):
     logs = {n: run(["dvc", "queue", "logs", n], path, env, False).stdout[-3000:] for n in windows}
     assert "Failed" not in status and status.count("Success") == len(windows), (status, logs)
     shown = _exp_metrics(run(["dvc", "exp", "show", "--json"], path, env).stdout)
+    rerun = {"adaptive": ["adaptive", "heuristic"], "perplexity": ["all"]}
     for name, window in windows.items():
-        for stage in ("adaptive", "perplexity"):
+        for stage, items in rerun.items():
             runs = [r for r in _runs(path, stage) if r.data.tags.get("dvc.exp_name") == name]
             # Exactly one run per re-run stage item: none lost, none doubled.
-            assert len(runs) == 1, (name, stage, [r.info.run_id for r in runs])
-            assert runs[0].info.status == "FINISHED"
-        (adaptive,) = [r for r in _runs(path, "adaptive") if r.data.tags["dvc.exp_name"] == name]
+            assert Counter(r.data.tags["item"] for r in runs) == Counter(items), (name, stage)
+            assert all(r.info.status == "FINISHED" for r in runs), (name, stage)
+        (adaptive,) = [r for r in _runs(path, "adaptive")
+                       if r.data.tags.get("dvc.exp_name") == name
+                       and r.data.tags["item"] == "adaptive"]  # fmt: skip
         # The experiment's run used its own setting, and its DVC metrics are that run's.
         assert adaptive.data.params["run.method.controller_params.window"] == str(window)
         metrics = shown[name]["experiments/adaptive/adaptive/metrics.json"]["data"]
@@ -202,13 +193,15 @@ def _kill_mid_run(path: Path, env: dict[str, str], sig: signal.Signals) -> None:
     assert "1/6" not in log.read_text() and proc.returncode != 0, log.read_text()[-2000:]
 
 
-# Last in the file: these leave the baseline re-run, so every later stage is out of date.
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
-def test_killed_stage_leaves_no_valid_output_and_rerun_recovers(repo, sig):
-    path, env = repo
+def test_killed_stage_leaves_no_valid_output_and_rerun_recovers(
+    smoke_copy: Repo, sig: signal.Signals
+) -> None:
+    path, env = smoke_copy
     # New params make the old outputs stale, so the stage really runs; four repetitions keep it
     # generating for long enough that the signal lands mid-generation.
-    _edit_params(path, lambda p: p["run"].update(repetitions=p["run"]["repetitions"] + 3))
+    repetitions = yaml.safe_load((path / "params.yaml").read_text())["run"]["repetitions"] + 3
+    _edit_params(path, lambda p: p["run"].update(repetitions=repetitions))
     target = path / "experiments/baseline/target"
     before = _digest(path)
     _kill_mid_run(path, env, sig)
@@ -225,8 +218,9 @@ def test_killed_stage_leaves_no_valid_output_and_rerun_recovers(repo, sig):
     run(["dvc", "repro", "baseline"], path, env)
     assert run(["dvc", "status", "baseline"], path, env).stdout.strip().endswith("up to date.")
     config = json.loads((target / "config.json").read_text())
-    expected = yaml.safe_load((path / "params.yaml").read_text())["run"]["repetitions"]
-    assert config["run"]["repetitions"] == expected
+    assert config["run"]["repetitions"] == repetitions
+    prompts = (target / "prompts.jsonl").read_text().splitlines()
+    assert len(prompts) == 6 * repetitions  # one line per prompt and repetition, all four ran
     assert all(r.info.status != "RUNNING" for r in _runs(path, "baseline"))
     if sig == signal.SIGKILL:
         marked = MlflowClient(f"sqlite:///{path / 'mlflow.db'}").get_run(killed.info.run_id)

@@ -12,9 +12,9 @@ from transformers import AutoModelForCausalLM
 from lab import cli, report
 from lab.bench import gpu
 from lab.bench import hf as bench
-from lab.engine import decode, speculative
-from lab.engine import static as fast
+from lab.engine import caches, loop
 from lab.engine.controllers import FixedK
+from lab.engine.loop import Speculation
 from lab.engine.policies import get_policy
 from lab.engine.records import PromptResult, StepRecord
 from lab.engine.sampling import SamplingParams
@@ -26,9 +26,11 @@ N = 32
 @pytest.mark.parametrize("k", [1, 4, 8])
 @pytest.mark.parametrize("policy", ["exact", "rejection"])
 def test_oracle_is_accepted_in_full(qwen2, prompt_ids, k, policy):
-    base = decode.generate(qwen2, prompt_ids, N)
+    base = loop.generate(qwen2, prompt_ids, N)
     oracle = gpu.oracle_for({tuple(prompt_ids): base}, qwen2)
-    out = speculative.generate(qwen2, oracle, get_policy(policy), FixedK(k), prompt_ids, N)
+    out = loop.generate(
+        qwen2, prompt_ids, N, speculation=Speculation(oracle, get_policy(policy), FixedK(k))
+    )
     assert out.token_ids == base.token_ids
     assert out.acceptance_rate == 1.0
     # Every full step emits K + 1 tokens; only the last step may be cut by max_new_tokens.
@@ -36,26 +38,35 @@ def test_oracle_is_accepted_in_full(qwen2, prompt_ids, k, policy):
 
 
 def test_oracle_on_the_static_engine(qwen2, prompt_ids):
-    base = decode.generate(qwen2, prompt_ids, N)
-    static = fast.StaticEngine(qwen2, fast.cache_length([prompt_ids], N, 4), sizes=(1, 5))
+    base = loop.generate(qwen2, prompt_ids, N)
+    static = caches.StaticEngine(qwen2, caches.cache_length([prompt_ids], N, 4), sizes=(1, 5))
     oracle = gpu.oracle_for({tuple(prompt_ids): base}, qwen2)
-    out = fast.speculative(static, oracle, get_policy("exact"), FixedK(4), prompt_ids, N)
+    out = loop.generate(
+        static, prompt_ids, N, speculation=Speculation(oracle, get_policy("exact"), FixedK(4))
+    )
     assert out.token_ids == base.token_ids and out.acceptance_rate == 1.0
 
 
 def test_oracle_needs_the_prompts_continuation(qwen2, prompt_ids):
     oracle = gpu.oracle_for({}, qwen2)
     with pytest.raises(KeyError, match="no continuation"):
-        speculative.generate(qwen2, oracle, get_policy("exact"), FixedK(2), prompt_ids, N)
+        loop.generate(
+            qwen2, prompt_ids, N, speculation=Speculation(oracle, get_policy("exact"), FixedK(2))
+        )
 
 
 def test_oracle_leaving_the_continuation_shows_in_acceptance(qwen2, prompt_ids):
     # Sampling leaves the greedy continuation: the oracle is then rejected, never silently right.
-    base = decode.generate(qwen2, prompt_ids, N)
+    base = loop.generate(qwen2, prompt_ids, N)
     oracle = gpu.oracle_for({tuple(prompt_ids): base}, qwen2)
     params = SamplingParams(temperature=1.0)
-    out = speculative.generate(
-        qwen2, oracle, get_policy("exact"), FixedK(4), prompt_ids, N, params, seed=1
+    out = loop.generate(
+        qwen2,
+        prompt_ids,
+        N,
+        params,
+        seed=1,
+        speculation=Speculation(oracle, get_policy("exact"), FixedK(4)),
     )
     assert out.acceptance_rate is not None and out.acceptance_rate < 1.0
 
@@ -64,12 +75,14 @@ def test_oracle_leaving_the_continuation_shows_in_acceptance(qwen2, prompt_ids):
 def test_settle_adopts_the_paths_own_output(qwen2, prompt_ids, wrong_at):
     # A reference that disagrees with the target at one position, as bf16 rounding can make it:
     # the first pass is rejected there, the second replays the target's own output in full.
-    base = decode.generate(qwen2, prompt_ids, N)
+    base = loop.generate(qwen2, prompt_ids, N)
     reference = list(base.token_ids)
     reference[wrong_at] = (reference[wrong_at] + 1) % 256
 
     def run(oracle, ids, n):
-        return speculative.generate(qwen2, oracle, get_policy("exact"), FixedK(4), ids, n)
+        return loop.generate(
+            qwen2, ids, n, speculation=Speculation(oracle, get_policy("exact"), FixedK(4))
+        )
 
     result, passes = gpu.settle(run, qwen2, prompt_ids, reference, N)
     assert passes == 2
@@ -139,7 +152,7 @@ def test_load_random_is_seeded(monkeypatch):
     pairs = zip(a.model.parameters(), b.model.parameters(), strict=True)
     assert all(torch.equal(p, q) for p, q in pairs)
     ids = a.tokenizer.encode("hello")
-    assert decode.generate(a, ids, 8).token_ids == decode.generate(b, ids, 8).token_ids
+    assert loop.generate(a, ids, 8).token_ids == loop.generate(b, ids, 8).token_ids
 
 
 def test_random_models_pair_only_with_random_models():

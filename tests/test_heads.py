@@ -10,10 +10,11 @@ import torch
 from lab.drafting import distill, heads
 from lab.drafting.eagle import EagleDrafter
 from lab.drafting.medusa import MedusaDrafter
-from lab.engine import decode, speculative
+from lab.engine import loop
 from lab.engine.controllers import FixedK
+from lab.engine.loop import Speculation
+from lab.engine.model import LoadedModel
 from lab.engine.policies import get_policy
-from lab.models import LoadedModel
 from lab.prompts import load_suite
 
 
@@ -38,7 +39,7 @@ def test_distilled_text_is_the_targets_greedy_output(qwen2, data):
     for i in (0, 7):
         prompt_len = data.prompt_lens[i]
         ids = data.tokens[i][:prompt_len].tolist()
-        base = decode.generate(qwen2, ids, 24)
+        base = loop.generate(qwen2, ids, 24)
         assert data.tokens[i][prompt_len:].tolist() == base.token_ids
     pairs = zip(data.tokens, data.prompt_lens, strict=True)
     assert data.generated_tokens() == sum(len(tokens) - n for tokens, n in pairs)
@@ -95,8 +96,10 @@ def test_save_load_and_draft(tmp_path, qwen2, prompt_ids, trained, kind):
     for name, tensor in head.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[name], tensor)
     drafter = MedusaDrafter(qwen2, loaded) if kind == "medusa" else EagleDrafter(qwen2, loaded)
-    base = decode.generate(qwen2, prompt_ids, 24)
-    out = speculative.generate(qwen2, drafter, get_policy("exact"), FixedK(3), prompt_ids, 24)
+    base = loop.generate(qwen2, prompt_ids, 24)
+    out = loop.generate(
+        qwen2, prompt_ids, 24, speculation=Speculation(drafter, get_policy("exact"), FixedK(3))
+    )
     assert out.token_ids == base.token_ids
 
 

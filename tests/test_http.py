@@ -19,7 +19,7 @@ import httpx2
 import pytest
 
 from lab import cli, models
-from lab.engine import decode
+from lab.engine import loop
 from lab.models import packaged
 from lab.pipeline.params import ParamsError
 from lab.prompts import Prompt, load_suite
@@ -80,7 +80,7 @@ def test_streamed_equals_unstreamed_equals_local(
     assert streamed.chunk_tokens[-1] == 24 and streamed.ttft_ms <= streamed.e2e_ms
     if not chat:  # the server decodes exactly what lab's own loop decodes from the same prompt
         ids = qwen2.tokenizer("def fibonacci(n):")["input_ids"]
-        assert decode.generate(qwen2, ids, 24).text == whole.text
+        assert loop.generate(qwen2, ids, 24).text == whole.text
 
 
 def test_concurrent_load_benchmark(served: server.Launched) -> None:

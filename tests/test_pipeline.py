@@ -1,24 +1,16 @@
-"""The whole `dvc repro` on tiny random models: every output, MLflow run and report table exists."""
+"""The whole `dvc repro` on tiny random models: every output, MLflow run and report table exists.
+
+`smoke` (tests/conftest.py) is the one reproduced pipeline, shared with the fault and layout tests.
+"""
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
-import pytest
 import yaml
 
-from tests.smoke import make_repo, run
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
-    """A fresh copy of the project with the smoke params, after one full `dvc repro`."""
-    path = tmp_path_factory.mktemp("smoke")
-    env = make_repo(path, "smoke")
-    run(["dvc", "repro"], path, env)
-    return path, env
+from tests.smoke import Repo, run
 
 
 def _declared_outputs(repo: Path) -> list[Path]:
@@ -28,8 +20,8 @@ def _declared_outputs(repo: Path) -> list[Path]:
     ]
 
 
-def test_every_declared_output_exists(repo):
-    path, _ = repo
+def test_every_declared_output_exists(smoke: Repo) -> None:
+    path = smoke.path
     outs = _declared_outputs(path)
     assert len(outs) > 30
     for out in outs:
@@ -38,8 +30,8 @@ def test_every_declared_output_exists(repo):
             assert out.stat().st_size > 0, out
 
 
-def test_report_tables_and_figures(repo):
-    path, _ = repo
+def test_report_tables_and_figures(smoke: Repo) -> None:
+    path = smoke.path
     report = (path / "reports" / "report.md").read_text()
     assert "mean accepted length" in report.lower()
     tables = list((path / "reports" / "tables").glob("*.csv"))
@@ -51,8 +43,8 @@ def test_report_tables_and_figures(repo):
     assert len(figures) >= 5 and all(f.stat().st_size > 1000 for f in figures)
 
 
-def test_metrics_for_dvc_exp_show(repo):
-    path, _ = repo
+def test_metrics_for_dvc_exp_show(smoke: Repo) -> None:
+    path = smoke.path
     metrics = json.loads((path / "experiments/ksweep/k2/metrics.json").read_text())
     for key in ("speedup", "tokens_per_s", "acceptance_rate", "mean_accepted_length"):
         assert metrics[key] is not None
@@ -62,10 +54,10 @@ def test_metrics_for_dvc_exp_show(repo):
     assert len(lossless) == 7 and all(",True," in line for line in lossless[1:])
 
 
-def test_mlflow_runs_with_step_histories(repo):
+def test_mlflow_runs_with_step_histories(smoke: Repo) -> None:
     from mlflow.tracking import MlflowClient
 
-    path, _ = repo
+    path = smoke.path
     client = MlflowClient(f"sqlite:///{path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("smoke")
     runs = client.search_runs([experiment.experiment_id], max_results=1000)
@@ -83,9 +75,8 @@ def test_mlflow_runs_with_step_histories(repo):
     assert k2.data.params["run.method.k"] == "2"
 
 
-def test_second_repro_does_nothing(repo):
-    path, env = repo
-    out = run(["dvc", "repro"], path, env).stdout
+def test_second_repro_does_nothing(smoke: Repo) -> None:
+    out = run(["dvc", "repro"], smoke.path, smoke.env).stdout
     assert "Running stage" not in out
 
 
@@ -101,13 +92,11 @@ def _metrics(data: dict, name: str) -> dict:
     return data["metrics"][name]["data"]
 
 
-def test_param_experiment_differs_and_is_tagged(repo, tmp_path):
+def test_param_experiment_differs_and_is_tagged(smoke_copy: Repo) -> None:
     """`dvc exp run -S k=3` on a copy of the repo (the workspace keeps main's results)."""
     from mlflow.tracking import MlflowClient
 
-    path, env = tmp_path / "copy", repo[1]
-    # .dvc/tmp holds the original's locks and path-keyed state: the copy starts without them.
-    shutil.copytree(repo[0], path, ignore=lambda d, _: ["tmp"] if d.endswith("/.dvc") else [])
+    path, env = smoke_copy
     run(["git", "add", "-A"], path, env)  # main's results committed: the experiment's baseline
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "main"], path, env)
     # Two of the items that use k, not all nine: each is a process that loads torch (time).

@@ -11,6 +11,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from lab import stats
 from lab.method import Method
 from lab.pipeline import profiling, stage, store, tracking
 from tests.smoke import ROOT, smoke_params
@@ -45,7 +46,7 @@ def test_profile_param_writes_trace_tables_and_artifacts(workdir: Path) -> None:
     assert len(pd.read_csv(folder / profiling.TOP_OPS)) > 5
     phases = pd.read_csv(folder / profiling.BREAKDOWN)
     assert len(phases) == len(store.read_item(out).steps)
-    assert set(profiling.PHASES) <= set(phases.columns)
+    assert set(stats.PHASES) <= set(phases.columns)
     assert json.loads((out / store.CONFIG).read_text())["run"]["profile"] is True
     assert not list(workdir.glob("experiments/baseline/.*"))  # no temporary folder left
     client = MlflowClient(tracking.tracking_uri())

@@ -18,7 +18,7 @@ from lab import report
 from lab import stats as summary
 from lab.engine.sampling import SamplingParams
 from lab.method import Method
-from lab.models import LoadedModel
+from lab.engine.model import LoadedModel
 from lab.pipeline import profiling, store, suite
 from lab.prompts import CATEGORIES, load_suite
 from lab.stats import summarize

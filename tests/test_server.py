@@ -13,10 +13,10 @@ import httpx2
 import pytest
 import uvicorn
 
-from lab.engine import decode
+from lab.engine import loop
+from lab.engine.model import LoadedModel
 from lab.engine.sampling import SamplingParams
 from lab.method import Method
-from lab.models import LoadedModel
 from lab.serve import http, server
 
 
@@ -121,7 +121,7 @@ def test_speculative_server_streams_several_tokens_per_chunk(qwen2: LoadedModel)
     with running(engine) as base:
         done = stream(base, "def fibonacci(n):", 40)
     ids = qwen2.tokenizer("def fibonacci(n):")["input_ids"]
-    assert done.text == decode.generate(qwen2, ids, 40).text  # lossless
+    assert done.text == loop.generate(qwen2, ids, 40).text  # lossless
     totals = [int(t or 0) for t in done.chunk_tokens]
     counts = [b - a for a, b in zip([0, *totals[:-1]], totals, strict=True)]
     assert totals[-1] == 40 and counts[0] == 1 and max(counts) >= 4

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from lab.drafting.draft_model import DraftModel
-from lab.engine import decode, speculative
+from lab.engine import loop
 from lab.engine.controllers import FixedK, HeuristicK, make_controller
+from lab.engine.loop import Speculation
+from lab.engine.model import LoadedModel
 from lab.engine.policies import get_policy
 from lab.engine.sampling import SamplingParams
-from lab.models import LoadedModel
 
 
 def spec(
@@ -25,8 +26,13 @@ def spec(
     params: SamplingParams | None = None,
     seed: int = 0,
 ):
-    return speculative.generate(
-        target, DraftModel(draft), get_policy(policy), FixedK(k), ids, n, params, seed
+    return loop.generate(
+        target,
+        ids,
+        n,
+        params,
+        seed,
+        speculation=Speculation(DraftModel(draft), get_policy(policy), FixedK(k)),
     )
 
 
@@ -37,7 +43,7 @@ def spec(
 @pytest.mark.parametrize("k", range(1, 9))
 def test_greedy_equals_baseline(request, pair, k, prompt_ids):
     target, draft = (request.getfixturevalue(name) for name in pair)
-    base = decode.generate(target, prompt_ids, 48)
+    base = loop.generate(target, prompt_ids, 48)
     out = spec(target, draft, prompt_ids, k, 48)
     assert out.token_ids == base.token_ids
     assert len(out.token_ids) == 48
@@ -52,7 +58,7 @@ def test_greedy_equals_baseline(request, pair, k, prompt_ids):
 
 def test_baseline_equals_hf_generate(llama, qwen2, prompt_ids):
     for lm in (llama, qwen2):
-        base = decode.generate(lm, prompt_ids, 40)
+        base = loop.generate(lm, prompt_ids, 40)
         hf = lm.model.generate(
             torch.tensor([prompt_ids]),
             max_new_tokens=40,
@@ -65,13 +71,13 @@ def test_baseline_equals_hf_generate(llama, qwen2, prompt_ids):
 
 @pytest.mark.parametrize("k", [2, 4, 8])
 def test_eos_inside_accepted_block(llama, prompt_ids, k):
-    free = decode.generate(llama, prompt_ids, 48)
+    free = loop.generate(llama, prompt_ids, 48)
     # Declare the token at position 9 an EOS: generation must stop right after its first
     # occurrence, even though the self-draft's block runs past it.
     eos = free.token_ids[9]
     stop_at = free.token_ids.index(eos) + 1
     lm = dataclasses.replace(llama, eos_token_ids=(eos,))
-    base = decode.generate(lm, prompt_ids, 48)
+    base = loop.generate(lm, prompt_ids, 48)
     out = spec(lm, lm, prompt_ids, k, 48)
     assert base.token_ids == free.token_ids[:stop_at]
     assert out.token_ids == base.token_ids
@@ -82,7 +88,7 @@ def test_eos_inside_accepted_block(llama, prompt_ids, k):
 
 @pytest.mark.parametrize("k,n", [(4, 1), (4, 2), (4, 7), (3, 10), (8, 13), (5, 6)])
 def test_max_new_tokens_mid_block(llama, prompt_ids, k, n):
-    base = decode.generate(llama, prompt_ids, n)
+    base = loop.generate(llama, prompt_ids, n)
     out = spec(llama, llama, prompt_ids, k, n)
     assert out.token_ids == base.token_ids
     assert out.new_tokens == n
@@ -90,11 +96,14 @@ def test_max_new_tokens_mid_block(llama, prompt_ids, k, n):
 
 
 def test_heuristic_controller_equality(llama, llama_draft, prompt_ids):
-    base = decode.generate(llama, prompt_ids, 40)
+    base = loop.generate(llama, prompt_ids, 40)
     for draft in (llama, llama_draft):
         for controller in (HeuristicK(3), make_controller("adaptive", 3, window=2, max_k=6)):
-            out = speculative.generate(
-                llama, DraftModel(draft), get_policy("exact"), controller, prompt_ids, 40
+            out = loop.generate(
+                llama,
+                prompt_ids,
+                40,
+                speculation=Speculation(DraftModel(draft), get_policy("exact"), controller),
             )
             assert out.token_ids == base.token_ids
 
@@ -113,7 +122,7 @@ def test_sampling_is_seeded_and_self_draft_accepts_all(llama, prompt_ids, policy
 
 
 def test_rejection_sampling_greedy_equals_baseline(llama, llama_draft, prompt_ids):
-    base = decode.generate(llama, prompt_ids, 40)
+    base = loop.generate(llama, prompt_ids, 40)
     for draft in (llama, llama_draft):
         assert spec(llama, draft, prompt_ids, 4, 40, "rejection").token_ids == base.token_ids
 
@@ -126,6 +135,6 @@ def test_records_are_consistent(llama, llama_draft, prompt_ids):
         assert s.emitted == s.accepted + 1 and s.proposed <= s.k
         assert s.step_ms >= s.draft_ms + s.verify_ms - 1e-6 and s.rss_mb > 0
     assert out.ttft_ms > 0 and out.tokens_per_s > 0 and out.peak_rss_mb > 0
-    base = decode.generate(llama, prompt_ids, 30)
+    base = loop.generate(llama, prompt_ids, 30)
     assert base.acceptance_rate is None and base.mean_accepted_length == 1.0
     assert set(base.to_dict()) == set(out.to_dict())

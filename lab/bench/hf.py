@@ -11,24 +11,24 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from lab.bench import gpu
+from lab.bench import roofline
+from lab.bench.results import environment
 from lab.drafting.draft_model import DraftModel
-from lab.engine import decode, speculative
-from lab.engine import static as fast
+from lab.drafting.oracle import OracleDrafter, RunOracle, settle
+from lab.engine import caches, loop
+from lab.engine.caches import StaticEngine
 from lab.engine.controllers import FixedK
-from lab.engine.decode import Clock
+from lab.engine.loop import Speculation
+from lab.engine.model import LoadedModel
 from lab.engine.policies import get_policy
 from lab.engine.records import PromptResult
-from lab.engine.static import StaticEngine
-from lab.models import LoadedModel
+from lab.engine.session import Clock
 
-METHODS = ("hf_generate", "lab_baseline", "hf_assisted", "lab_speculative")
 ORACLE = "lab_speculative_oracle"
-STATIC = ("lab_baseline_static", "lab_speculative_static", "lab_speculative_oracle_static")
 
 
 @dataclass(frozen=True)
-class Method:
+class BenchMethod:
     """What a benchmarked method runs on, and what its speed-up is measured against."""
 
     cache: str  # hf-dynamic (HF generate's own), dynamic, static or static+compiled
@@ -38,22 +38,24 @@ class Method:
 
 def methods(
     draft: str, oracle: bool = False, static_cache: bool = False, compile: bool = False
-) -> dict[str, Method]:
+) -> dict[str, BenchMethod]:
     """The methods one bench run times, in the order it runs them on each prompt."""
     static = "static+compiled" if compile else "static"
     out = {
-        "hf_generate": Method("hf-dynamic", None, None),
-        "lab_baseline": Method("dynamic", None, "hf_generate"),
-        "hf_assisted": Method("hf-dynamic", draft, "hf_generate"),
-        "lab_speculative": Method("dynamic", draft, "lab_baseline"),
+        "hf_generate": BenchMethod("hf-dynamic", None, None),
+        "lab_baseline": BenchMethod("dynamic", None, "hf_generate"),
+        "hf_assisted": BenchMethod("hf-dynamic", draft, "hf_generate"),
+        "lab_speculative": BenchMethod("dynamic", draft, "lab_baseline"),
     }
     if oracle:  # after lab_baseline, whose outputs it replays
-        out[ORACLE] = Method("dynamic", "oracle", "lab_baseline")
+        out[ORACLE] = BenchMethod("dynamic", "oracle", "lab_baseline")
     if static_cache or compile:
-        out["lab_baseline_static"] = Method(static, None, "lab_baseline")
-        out["lab_speculative_static"] = Method(static, draft, "lab_baseline_static")
+        out["lab_baseline_static"] = BenchMethod(static, None, "lab_baseline")
+        out["lab_speculative_static"] = BenchMethod(static, draft, "lab_baseline_static")
         if oracle:
-            out["lab_speculative_oracle_static"] = Method(static, "oracle", "lab_baseline_static")
+            out["lab_speculative_oracle_static"] = BenchMethod(
+                static, "oracle", "lab_baseline_static"
+            )
     return out
 
 
@@ -89,11 +91,11 @@ def _hf(target: LoadedModel, ids: list[int], n: int, **extra: Any) -> list[int]:
 Baselines = dict[str, dict[tuple[int, ...], PromptResult]]
 
 
-class OracleMethod:
+class OracleRunner:
     """Lab's loop with the oracle drafter: settled on each prompt first (untimed), then timed."""
 
     def __init__(
-        self, run: gpu.RunOracle, target: LoadedModel, baseline: str, baselines: Baselines
+        self, run: RunOracle, target: LoadedModel, baseline: str, baselines: Baselines
     ) -> None:
         self.run = run
         self.target = target
@@ -103,17 +105,15 @@ class OracleMethod:
         self.passes: list[int] = []
 
     def prepare(self, ids: list[int], n: int) -> None:
-        """Find the continuation this path accepts in full (see gpu.settle)."""
+        """Find the continuation this path accepts in full (see lab.drafting.oracle.settle)."""
         reference = self.baselines[self.baseline][tuple(ids)].token_ids
-        result, passes = gpu.settle(self.run, self.target, ids, reference, n)
+        result, passes = settle(self.run, self.target, ids, reference, n)
         self.settled[tuple(ids)] = result.token_ids
         self.passes.append(passes)
 
     def __call__(self, ids: list[int], n: int) -> PromptResult:
         vocab = self.target.model.config.vocab_size
-        oracle = gpu.OracleDrafter(
-            {tuple(ids): self.settled[tuple(ids)]}, vocab, self.target.device
-        )
+        oracle = OracleDrafter({tuple(ids): self.settled[tuple(ids)]}, vocab, self.target.device)
         return self.run(oracle, ids, n)
 
 
@@ -127,28 +127,28 @@ def _runners(
     """Each method as f(prompt_ids, max_new_tokens) -> token ids (or lab's full result)."""
     exact = get_policy("exact")
 
-    def dynamic(oracle: gpu.OracleDrafter, ids: list[int], n: int) -> PromptResult:
-        return speculative.generate(target, oracle, exact, FixedK(k), ids, n)
+    def dynamic(oracle: OracleDrafter, ids: list[int], n: int) -> PromptResult:
+        return loop.generate(target, ids, n, speculation=Speculation(oracle, exact, FixedK(k)))
 
     runners: dict[str, Callable[[list[int], int], Any]] = {
         "hf_generate": lambda ids, n: _hf(target, ids, n),
-        "lab_baseline": lambda ids, n: decode.generate(target, ids, n),
+        "lab_baseline": lambda ids, n: loop.generate(target, ids, n),
         "hf_assisted": lambda ids, n: _hf(target, ids, n, assistant_model=draft.model),
-        "lab_speculative": lambda ids, n: speculative.generate(
-            target, DraftModel(draft), exact, FixedK(k), ids, n
+        "lab_speculative": lambda ids, n: loop.generate(
+            target, ids, n, speculation=Speculation(DraftModel(draft), exact, FixedK(k))
         ),
-        ORACLE: OracleMethod(dynamic, target, "lab_baseline", baselines),
+        ORACLE: OracleRunner(dynamic, target, "lab_baseline", baselines),
     }
     if engine is not None:
 
-        def static(oracle: gpu.OracleDrafter, ids: list[int], n: int) -> PromptResult:
-            return fast.speculative(engine, oracle, exact, FixedK(k), ids, n)
+        def static(oracle: OracleDrafter, ids: list[int], n: int) -> PromptResult:
+            return loop.generate(engine, ids, n, speculation=Speculation(oracle, exact, FixedK(k)))
 
-        runners["lab_baseline_static"] = lambda ids, n: fast.generate(engine, ids, n)
-        runners["lab_speculative_static"] = lambda ids, n: fast.speculative(
-            engine, DraftModel(draft), exact, FixedK(k), ids, n
+        runners["lab_baseline_static"] = lambda ids, n: loop.generate(engine, ids, n)
+        runners["lab_speculative_static"] = lambda ids, n: loop.generate(
+            engine, ids, n, speculation=Speculation(DraftModel(draft), exact, FixedK(k))
         )
-        runners["lab_speculative_oracle_static"] = OracleMethod(
+        runners["lab_speculative_oracle_static"] = OracleRunner(
             static, target, "lab_baseline_static", baselines
         )
     return runners
@@ -187,7 +187,7 @@ def _static_engine(
     """One engine for the whole run (graphs are tied to its cache), compiled and captured now."""
     # Eager steps gain nothing from fixed shapes; graphs need them (one per K, tails padded).
     sizes = [1] + [k + 1 for k in ks] if compile else []
-    max_len = fast.cache_length(prompts, max_new_tokens, max(ks))
+    max_len = caches.cache_length(prompts, max_new_tokens, max(ks))
     engine = StaticEngine(target, max_len, compile=compile, sizes=sizes)
     if compile:
         engine.warmup(prompts[0])
@@ -196,7 +196,7 @@ def _static_engine(
 
 def _method_summary(
     name: str,
-    method: Method,
+    method: BenchMethod,
     tokens: list[list[int]],
     seconds: float,
     results: list[PromptResult],
@@ -212,7 +212,7 @@ def _method_summary(
         "drafter": method.drafter,
         "tokens_per_s": tps[name],
         # lab's loops only (HF's generate keeps no step records): steps alone, no prefill.
-        "decode_tokens_per_s": gpu.decode_tokens_per_s(results) if results else None,
+        "decode_tokens_per_s": roofline.decode_tokens_per_s(results) if results else None,
         "ttft_ms": sum(r.ttft_ms for r in results) / len(results) if results else None,
         "new_tokens": sum(map(len, tokens)),
         "seconds": seconds,
@@ -270,7 +270,7 @@ def run(
     def prepare(method: str, ids: list[int], n: int) -> None:
         """Untimed set-up a method needs on this prompt (the oracle settling on it)."""
         runner = runners[method]
-        if isinstance(runner, OracleMethod):
+        if isinstance(runner, OracleRunner):
             runner.prepare(ids, n)
 
     with assistant_schedule(draft, k):
@@ -293,9 +293,9 @@ def run(
         for m, spec in table.items()
     }
     for m, runner in runners.items():
-        if isinstance(runner, OracleMethod) and m in summaries:
+        if isinstance(runner, OracleRunner) and m in summaries:
             summaries[m]["settle_passes"] = max(runner.passes)
-    limit = gpu.bandwidth_limit(target)
+    limit = roofline.bandwidth_limit(target)
     result: dict[str, Any] = {
         "target": target.name,
         "draft": draft.name,
@@ -304,8 +304,8 @@ def run(
         "k": k,
         "max_new_tokens": max_new_tokens,
         "prompts": len(prompts),
-        "environment": gpu.environment(target.device),
-        "weight_bytes_per_token": gpu.weight_bytes_per_token(target.model),
+        "environment": environment(target.device),
+        "weight_bytes_per_token": roofline.weight_bytes_per_token(target.model),
         "bandwidth_limit_tokens_per_s": limit,
         "tokens_per_s": tps,
         # Of the decode rate where lab's step records give it, else of the end-to-end rate.
@@ -338,7 +338,7 @@ def run(
 
 def _static_info(engine: StaticEngine, prompt: list[int], max_new_tokens: int) -> dict[str, Any]:
     """The static engine's settings, compile time and its compiled step's own rate."""
-    replay = gpu.replay_rate(engine, prompt, max_new_tokens) if engine.compiled else None
+    replay = roofline.replay_rate(engine, prompt, max_new_tokens) if engine.compiled else None
     return {
         "compiled": engine.compiled,
         "max_len": engine.max_len,
@@ -352,23 +352,25 @@ def _ceilings(
     target: LoadedModel,
     engine: StaticEngine | None,
     baselines: Baselines,
-    table: dict[str, Method],
+    table: dict[str, BenchMethod],
     ks: list[int],
     max_new_tokens: int,
 ) -> dict[str, list[dict[str, Any]]]:
     """The oracle K sweep against its bound on each lab cache path."""
     exact = get_policy("exact")
 
-    def dynamic(oracle: gpu.OracleDrafter, k: int, ids: list[int], n: int) -> PromptResult:
-        return speculative.generate(target, oracle, exact, FixedK(k), ids, n)
+    def dynamic(oracle: OracleDrafter, k: int, ids: list[int], n: int) -> PromptResult:
+        return loop.generate(target, ids, n, speculation=Speculation(oracle, exact, FixedK(k)))
 
-    out = {"dynamic": gpu.ceiling(dynamic, target, baselines["lab_baseline"], ks, max_new_tokens)}
+    out = {
+        "dynamic": roofline.ceiling(dynamic, target, baselines["lab_baseline"], ks, max_new_tokens)
+    }
     if engine is not None:
 
-        def static(oracle: gpu.OracleDrafter, k: int, ids: list[int], n: int) -> PromptResult:
-            return fast.speculative(engine, oracle, exact, FixedK(k), ids, n)
+        def static(oracle: OracleDrafter, k: int, ids: list[int], n: int) -> PromptResult:
+            return loop.generate(engine, ids, n, speculation=Speculation(oracle, exact, FixedK(k)))
 
         static_baseline = baselines["lab_baseline_static"]
         path = table["lab_baseline_static"].cache
-        out[path] = gpu.ceiling(static, target, static_baseline, ks, max_new_tokens)
+        out[path] = roofline.ceiling(static, target, static_baseline, ks, max_new_tokens)
     return out

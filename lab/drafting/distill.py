@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from lab.models import LoadedModel
+from lab.engine.model import LoadedModel
 from lab.prompts import Prompt, encode
 
 DATA = "data.safetensors"  # files of the data folder

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from lab.engine.decode import forward, rollback
+from lab.engine.caches import forward, rollback
 from lab.engine.drafter import Proposal
+from lab.engine.model import LoadedModel
 from lab.engine.sampling import Sampler
-from lab.models import LoadedModel
 
 
 class DraftModel:

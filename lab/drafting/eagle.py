@@ -6,10 +6,10 @@ import torch
 
 from lab.drafting.features import Features, draw
 from lab.drafting.heads import DraftVocab, EagleHead
-from lab.engine.decode import rollback
+from lab.engine.caches import rollback
 from lab.engine.drafter import Proposal
+from lab.engine.model import LoadedModel
 from lab.engine.sampling import Sampler
-from lab.models import LoadedModel
 
 
 class EagleDrafter:

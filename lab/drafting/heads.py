@@ -26,7 +26,7 @@ from tqdm import tqdm
 from transformers import AutoModel, DynamicCache, PretrainedConfig, PreTrainedModel
 
 from lab.drafting.distill import Distilled
-from lab.models import LoadedModel
+from lab.engine.model import LoadedModel
 
 KINDS = ("medusa", "eagle")
 WEIGHTS = "head.safetensors"  # files of a trained head's folder

@@ -7,8 +7,8 @@ import torch
 from lab.drafting.features import Features, draw
 from lab.drafting.heads import DraftVocab, MedusaHeads
 from lab.engine.drafter import Proposal
+from lab.engine.model import LoadedModel
 from lab.engine.sampling import Sampler
-from lab.models import LoadedModel
 
 
 class MedusaDrafter:

@@ -21,6 +21,7 @@ from transformers import (
     Qwen2Config,
 )
 
+from lab.engine.model import LoadedModel
 from lab.models import packaged
 
 # Model hubs are unreachable on the machines this suite was built on; never wait on one.
@@ -29,18 +30,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 class ModelError(ValueError):
     """A model name, pair or setting that cannot work, reported before any weights load."""
-
-
-@dataclass
-class LoadedModel:
-    """A model ready to decode, with what the loops need to know about it."""
-
-    name: str
-    model: PreTrainedModel
-    tokenizer: PreTrainedTokenizerBase
-    device: torch.device
-    dtype: torch.dtype
-    eos_token_ids: tuple[int, ...]
 
 
 # --- tiny random models: real architectures, random weights, offline tokenizer ------------------

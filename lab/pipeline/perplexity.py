@@ -10,7 +10,7 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from lab.models import LoadedModel
+from lab.engine.model import LoadedModel
 from lab.pipeline.store import Item
 
 

@@ -17,11 +17,11 @@ from torch.profiler import ProfilerActivity, profile
 
 from lab.engine.records import PromptResult, StepRecord
 from lab.engine.sampling import SamplingParams
+from lab.stats import phases, step_breakdown
 
 TRACE = "trace.json"
 TOP_OPS = "top_ops.csv"
 BREAKDOWN = "step_breakdown.csv"
-PHASES = ("draft_ms", "verify_ms", "accept_ms", "bookkeeping_ms")
 
 
 @contextmanager
@@ -55,22 +55,6 @@ def top_ops(prof: profile, top: int) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     sort = "self_device_ms" if frame["self_device_ms"].sum() > 0 else "self_cpu_ms"
     return frame.sort_values(sort, ascending=False).head(top).reset_index(drop=True)
-
-
-def phases(steps: pd.DataFrame) -> pd.DataFrame:
-    """Per-step ms in draft, verify, accept/rollback and bookkeeping (step_ms minus the others)."""
-    # Records from before accept_ms existed counted accept/rollback as bookkeeping: 0 keeps that.
-    accept = steps["accept_ms"] if "accept_ms" in steps else pd.Series(0.0, index=steps.index)
-    out = pd.DataFrame({"draft_ms": steps["draft_ms"], "verify_ms": steps["verify_ms"],
-                        "accept_ms": accept})  # fmt: skip
-    out["bookkeeping_ms"] = steps["step_ms"] - out.sum(axis=1)
-    out["step_ms"] = steps["step_ms"]
-    return out
-
-
-def step_breakdown(steps: pd.DataFrame) -> dict[str, float]:
-    """Mean ms per step in each phase: draft, verify, accept/rollback and bookkeeping (the rest)."""
-    return {name: float(value) for name, value in phases(steps).mean().items()}
 
 
 def write_breakdown(out_dir: Path, steps: pd.DataFrame, **extra: float) -> Path:

@@ -106,7 +106,7 @@ def run(stage: str, item: str, method: Method, reuse_from: tuple[str, ...] = ())
         if profile_dir is not None:
             profiling.write_breakdown(profile_dir, steps)
         store.write_item(out, config, rows, metrics, lossless, profile_dir)
-        _log(mlrun, store.read_item(out), out)
+        log_item(mlrun, store.read_item(out), out)
     return out
 
 
@@ -130,7 +130,7 @@ def _rows_from(item: store.Item) -> list[dict[str, Any]]:
     return rows
 
 
-def _log(mlrun: tracking.StageRun, item: store.Item, out: Path) -> None:
+def log_item(mlrun: tracking.StageRun, item: store.Item, out: Path) -> None:
     """Every per-step record, per-prompt summary and summary metric, plus the files."""
     steps = item.steps.reset_index(drop=True)
     steps["prompt_index"] = pd.factorize(steps["question_id"])[0]

@@ -9,10 +9,10 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from lab.engine import decode
+from lab.engine.model import LoadedModel
 from lab.engine.sampling import SamplingParams
+from lab.engine.session import check_generation_args
 from lab.method import DraftSource, Method, generate_one
-from lab.models import LoadedModel
 from lab.pipeline import profiling
 from lab.prompts import Prompt, encode
 
@@ -37,7 +37,7 @@ def run(
     encoded = [encode(p, target.tokenizer) for p in prompts]
     for prompt, ids in zip(prompts, encoded, strict=True):  # fail before any prompt runs
         try:
-            decode.check_generation_args(target, max_new_tokens, ids)
+            check_generation_args(target, max_new_tokens, ids)
         except ValueError as err:
             raise ValueError(f"prompt {prompt.question_id} ({prompt.category}): {err}") from err
     for _ in range(warmup):  # first calls pay one-off allocation and dispatch costs

@@ -28,18 +28,18 @@ from fastapi.sse import EventSourceResponse, format_sse_event
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lab.engine.model import LoadedModel
 from lab.engine.records import PromptResult
 from lab.engine.sampling import SamplingParams
 from lab.method import DraftSource, Method, generate_one, make_drafter
-from lab.models import LoadedModel
 
 log = logging.getLogger("lab.serve")
 
-# --- the engine: one generation at a time behind a bounded queue ----------------------------------
+# --- the worker: one generation at a time behind a bounded queue ----------------------------------
 
 
 class QueueFull(Exception):
-    """Every engine slot and queue place is taken."""
+    """Every worker slot and queue place is taken."""
 
 
 class Cancelled(Exception):
@@ -64,15 +64,15 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     def post(self, event: Event) -> None:
-        """Hand an event from the engine thread to the request's event loop."""
+        """Hand an event from the worker thread to the request's event loop."""
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
         except RuntimeError:  # the loop has closed (server shutting down): nobody is listening
             self.cancelled.set()
 
 
-class Engine:
-    """Runs jobs one at a time (batch size 1) on a worker thread; at most max_queue wait."""
+class Worker:
+    """Runs jobs one at a time (batch size 1) on its own thread; at most max_queue wait."""
 
     def __init__(
         self,
@@ -89,7 +89,7 @@ class Engine:
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._admitted = 0  # running + waiting
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._work, name="lab-engine", daemon=True)
+        self._thread = threading.Thread(target=self._work, name="lab-worker", daemon=True)
 
     @property
     def admitted(self) -> int:
@@ -99,7 +99,7 @@ class Engine:
         self._thread.start()
 
     def stop(self) -> None:
-        """Let the worker finish its job and exit."""
+        """Let the thread finish its job and exit."""
         self._jobs.put(None)
         self._thread.join(timeout=30)
 
@@ -241,8 +241,8 @@ def error_response(status: int, message: str, code: str | None = None) -> JSONRe
 
 
 @dataclass(frozen=True)
-class Settings:
-    """What the API layer needs beyond the engine."""
+class APIConfig:
+    """What the API layer needs beyond the worker."""
 
     name: str  # the model id /v1/models lists and requests may name
     max_tokens: int  # the largest max_tokens a request may ask for; chat's default
@@ -272,13 +272,13 @@ def _text(content: str | list[dict[str, Any]]) -> str:
 class API:
     """Request handling: validate, tokenize, queue, answer (JSON or SSE)."""
 
-    def __init__(self, engine: Engine, settings: Settings) -> None:
-        self.engine, self.settings = engine, settings
-        self.tokenizer = engine.target.tokenizer
-        self.context = int(getattr(engine.target.model.config, "max_position_embeddings", 0))
+    def __init__(self, worker: Worker, config: APIConfig) -> None:
+        self.worker, self.config = worker, config
+        self.tokenizer = worker.target.tokenizer
+        self.context = int(getattr(worker.target.model.config, "max_position_embeddings", 0))
 
     def models(self) -> dict[str, Any]:
-        card = {"id": self.settings.name, "object": "model", "created": 0, "owned_by": "lab"}
+        card = {"id": self.config.name, "object": "model", "created": 0, "owned_by": "lab"}
         return {"object": "list", "data": [card]}
 
     async def completion(self, body: CompletionBody) -> Response:
@@ -290,7 +290,7 @@ class API:
 
     async def chat(self, body: ChatBody) -> Response:
         if not getattr(self.tokenizer, "chat_template", None):
-            raise APIError(400, f"model {self.settings.name!r} has no chat template: use "
+            raise APIError(400, f"model {self.config.name!r} has no chat template: use "
                            "/v1/completions")  # fmt: skip
         messages = [{"role": m.role, "content": _text(m.content)} for m in body.messages]
         text = self.tokenizer.apply_chat_template(
@@ -298,23 +298,23 @@ class API:
         )
         # The template writes its own BOS: adding special tokens again would double it.
         ids = [int(i) for i in self.tokenizer(str(text), add_special_tokens=False)["input_ids"]]
-        limit = body.max_completion_tokens or body.max_tokens or self.settings.max_tokens
+        limit = body.max_completion_tokens or body.max_tokens or self.config.max_tokens
         return await self._answer(body, ids, limit, chat=True)
 
     def _check(self, body: _Body, ids: list[int], max_tokens: int) -> None:
         """Refuse what the engine cannot do, with OpenAI's status codes."""
-        if body.model not in (None, self.settings.name):
+        if body.model not in (None, self.config.name):
             raise APIError(404, f"model {body.model!r} not found: this server serves "
-                           f"{self.settings.name!r}", "model_not_found")  # fmt: skip
+                           f"{self.config.name!r}", "model_not_found")  # fmt: skip
         if (feature := _unsupported(body)) is not None:
             raise APIError(400, f"{feature} is not supported by lab serve", "unsupported")
         if not ids:
             raise APIError(400, "the prompt is empty")
         if any(not 0 <= i < len(self.tokenizer) for i in ids):
             raise APIError(400, f"prompt token ids must be in [0, {len(self.tokenizer)})")
-        if max_tokens > self.settings.max_tokens:
+        if max_tokens > self.config.max_tokens:
             raise APIError(400, f"max_tokens {max_tokens} is above this server's limit "
-                           f"{self.settings.max_tokens} (lab serve --max-tokens)")  # fmt: skip
+                           f"{self.config.max_tokens} (lab serve --max-new-tokens)")  # fmt: skip
         if self.context and len(ids) + max_tokens > self.context:
             raise APIError(400, f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds "
                            f"the context length {self.context}",
@@ -325,10 +325,10 @@ class API:
         sampling = SamplingParams(body.temperature, max(body.top_k, 0), body.top_p)
         job = Job(ids, max_tokens, sampling, body.seed or 0, asyncio.get_running_loop())
         try:
-            self.engine.submit(job)
+            self.worker.submit(job)
         except QueueFull as err:
             raise APIError(429, f"server busy: {err}; retry later", "queue_full") from None
-        reply = Reply(self.settings.name, chat, len(ids), body.stream_options or StreamOptions())
+        reply = Reply(self.config.name, chat, len(ids), body.stream_options or StreamOptions())
         if body.stream:
             return EventSourceResponse(self._stream(job, reply))
         try:
@@ -338,7 +338,7 @@ class API:
         return JSONResponse(reply.whole(result))
 
     async def _stream(self, job: Job, reply: Reply) -> AsyncIterator[bytes]:
-        """SSE chunks as the engine emits tokens, then the finish chunk, usage and [DONE]."""
+        """SSE chunks as the worker emits tokens, then the finish chunk, usage and [DONE]."""
         text = TextStream(self.tokenizer)
         done = 0
         try:
@@ -362,7 +362,7 @@ class API:
                     break
             yield format_sse_event(data_str="[DONE]")
         finally:
-            job.cancelled.set()  # no-op when finished; stops the engine if the client left
+            job.cancelled.set()  # no-op when finished; stops the generation if the client left
 
 
 async def _final(job: Job) -> PromptResult:
@@ -435,15 +435,15 @@ class Reply:
         return {**self._envelope(obj, []), "usage": self.usage(done)}
 
 
-def create_app(engine: Engine, settings: Settings) -> FastAPI:
-    """The FastAPI app; starts and stops the engine's worker with the app."""
-    api = API(engine, settings)
+def create_app(worker: Worker, config: APIConfig) -> FastAPI:
+    """The FastAPI app; starts and stops the worker's thread with the app."""
+    api = API(worker, config)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine.start()
+        worker.start()
         yield
-        engine.stop()
+        worker.stop()
 
     app = FastAPI(title="lab serve", lifespan=lifespan)
 
@@ -465,7 +465,7 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "admitted": engine.admitted, "max_queue": engine.max_queue}
+        return {"status": "ok", "admitted": worker.admitted, "max_queue": worker.max_queue}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

@@ -3,8 +3,8 @@
 import sys
 from pathlib import Path
 
+from lab.pipeline import loadtest
 from lab.pipeline import params as P
-from lab.serve import http
 
 ROOT = Path(__file__).resolve().parents[2]  # the workspace root (also under dvc exp --temp)
 
@@ -13,4 +13,4 @@ section = P.load(Path(__file__).with_name("params.yaml")).get("loadtest")
 if not isinstance(section, dict):
     raise P.ParamsError("pipelines/http/params.yaml: missing mapping 'loadtest'")
 concurrency = int(sys.argv[1])
-http.run_stage(concurrency, ROOT / "experiments" / "loadtest" / f"c{concurrency}", section, root)
+loadtest.run_stage(concurrency, ROOT / "experiments" / "loadtest" / f"c{concurrency}", section, root)

@@ -1,11 +1,10 @@
-"""A static KV cache and compiled fixed-shape steps for decoding and verification (as gpt-fast).
+"""Engines: a model with its KV cache behind prefill, forward and rollback (the loop takes one).
 
-An engine owns a target and its KV cache behind three calls: `start` (prefill), `forward`
-(n new tokens -> logits) and `rollback` (forget positions). `DynamicEngine` is what decode.py
-and speculative.py do; `StaticEngine` preallocates a `StaticCache` once, so every step has the
-same tensor addresses, compiles each step size with torch.compile and, on CUDA, captures it
-as a CUDA graph. The two loops here are decode.generate and speculative.generate written
-against an engine.
+An engine owns a model and its KV cache behind three calls: `start` (prefill), `forward`
+(n new tokens -> logits) and `rollback` (forget positions). `DynamicEngine` grows a transformers
+DynamicCache and is the reference; `StaticEngine` preallocates a `StaticCache` once, so every
+step has the same tensor addresses, compiles each step size with torch.compile and, on CUDA,
+captures it as a CUDA graph (as gpt-fast does).
 
 Why our own graphs rather than torch.compile(mode="reduce-overhead"): measured on an H200 with
 the Qwen2.5-1.5B shape, that mode spent about 1 ms of host time per step (dynamo's guard check
@@ -23,47 +22,81 @@ from typing import Protocol
 import torch
 from transformers import DynamicCache, StaticCache
 
-from lab.engine.controllers import Controller
-from lab.engine.decode import Clock, Session, check_generation_args, forward, rollback
-from lab.engine.drafter import Drafter
-from lab.engine.policies import PolicySpec
-from lab.engine.records import PromptResult
-from lab.engine.sampling import Sampler, SamplingParams
-from lab.models import LoadedModel
+from lab.engine.model import LoadedModel
 
 # Every step size (and the cache-length guard) is one dynamo cache entry of the same code
 # object; the default limit of 8 would silently drop K sweeps back to eager.
 _RECOMPILE_LIMIT = 64
 
 
+def forward(
+    model: torch.nn.Module, input_ids: torch.Tensor, cache: DynamicCache, keep: int
+) -> torch.Tensor:
+    """Run (1, n) new tokens through the model, extending cache; (keep, V) logits of the last."""
+    out = model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=keep)
+    return out.logits[0]
+
+
+def forward_hidden(
+    model: torch.nn.Module, input_ids: torch.Tensor, cache: DynamicCache, keep: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """forward() that also returns the (n, H) last hidden states (after the final norm)."""
+    out = model(
+        input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=keep,
+        output_hidden_states=True,
+    )  # fmt: skip
+    return out.logits[0], out.hidden_states[-1][0]
+
+
+def rollback(cache: DynamicCache, length: int) -> None:
+    """Drop cached positions at or past length (transformers >= 5.24 crops by a negative count)."""
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)
+
+
 class Engine(Protocol):
-    """A target model with its KV cache: prefill, forward new tokens, roll back."""
+    """A model with its KV cache: prefill, forward new tokens, roll back.
+
+    hidden=True also returns the (n, H) last hidden states of the n positions fed (the feature
+    drafters read them); otherwise the second value is None.
+    """
 
     lm: LoadedModel
 
-    def start(self, prompt_ids: list[int]) -> torch.Tensor: ...
+    def start(
+        self, prompt_ids: list[int], hidden: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
-    def forward(self, input_ids: torch.Tensor, keep: int) -> torch.Tensor: ...
+    def forward(
+        self, input_ids: torch.Tensor, keep: int, hidden: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
     def rollback(self, length: int) -> None: ...
 
 
 class DynamicEngine:
-    """A DynamicCache that grows each step and is cropped on rollback (decode.py's path)."""
+    """A DynamicCache that grows each step and is cropped on rollback: the reference engine."""
 
     def __init__(self, lm: LoadedModel) -> None:
         self.lm = lm
         self.cache = DynamicCache(config=lm.model.config)
 
-    def start(self, prompt_ids: list[int]) -> torch.Tensor:
+    def start(
+        self, prompt_ids: list[int], hidden: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Fresh cache, prefill the prompt; (1, V) logits of its last token."""
         self.cache = DynamicCache(config=self.lm.model.config)
         ids = torch.tensor([prompt_ids], device=self.lm.device)  # (1, T)
-        return forward(self.lm.model, ids, self.cache, keep=1)
+        return self.forward(ids, 1, hidden)
 
-    def forward(self, input_ids: torch.Tensor, keep: int) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, keep: int, hidden: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(1, n) new tokens -> (keep, V) logits of the last keep of them."""
-        return forward(self.lm.model, input_ids, self.cache, keep)
+        if hidden:
+            return forward_hidden(self.lm.model, input_ids, self.cache, keep)
+        return forward(self.lm.model, input_ids, self.cache, keep), None
 
     def rollback(self, length: int) -> None:
         """Drop cached positions at or past length."""
@@ -103,31 +136,37 @@ class StaticEngine:
             # Default mode: inductor's kernels without its own CUDA graphs (see the module doc).
             self._step = torch.compile(self._forward, fullgraph=True, dynamic=False)
 
-    def start(self, prompt_ids: list[int]) -> torch.Tensor:
+    def start(
+        self, prompt_ids: list[int], hidden: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Reset the write position and prefill eagerly (prompt lengths vary); (1, V) logits."""
+        _no_hidden(hidden)
         self.rollback(0)
         ids = torch.tensor([prompt_ids], device=self.lm.device)  # (1, T)
         self._reserve(ids.shape[1])
         logits = self._forward(ids, 1)
         self.length = ids.shape[1]
-        return logits
+        return logits, None
 
-    def forward(self, input_ids: torch.Tensor, keep: int) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, keep: int, hidden: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(1, n) new tokens -> (keep, V) logits of the last keep of them."""
+        _no_hidden(hidden)
         n = input_ids.shape[1]
         size = next((s for s in self.sizes if s >= n), None)
         if size is None:  # longer than every fixed size (or none given): run as it comes
             self._reserve(n)
             logits = self._forward(input_ids, keep)
             self.length += n
-            return logits
+            return logits, None
         self._reserve(size)
         if size > n:  # pad with the last token; the extra positions are rolled back below
             input_ids = torch.cat([input_ids, input_ids[:, -1:].expand(1, size - n)], dim=1)
         logits = self._fixed(input_ids, size)[n - keep : n]  # (keep, V)
         self.length += size
         self.rollback(self.length - (size - n))
-        return logits
+        return logits, None
 
     def rollback(self, length: int) -> None:
         """Move the write position back to length (stale entries are masked, then overwritten)."""
@@ -189,6 +228,14 @@ class StaticEngine:
             )
 
 
+def _no_hidden(hidden: bool) -> None:
+    if hidden:
+        raise ValueError(
+            "drafters that read the target's hidden states (medusa, eagle) run on the dynamic "
+            "engine only: use the dynamic engine (static_cache: false) for them"
+        )
+
+
 class _Graph:
     """One captured step: its static input buffer, the CUDA graph, and the logits it writes."""
 
@@ -229,109 +276,6 @@ def cache_length(prompts: list[list[int]], max_new_tokens: int, max_k: int) -> i
     return max(map(len, prompts)) + max_new_tokens + max_k + 1
 
 
-def start_session(
-    engine: Engine, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams, seed: int
-) -> tuple[Session, float]:
-    """Step 0: prefill the target and emit the first token; (session, prefill ms)."""
-    lm = engine.lm
-    check_generation_args(lm, max_new_tokens, prompt_ids)
-    clock = Clock(lm.device)
-    if clock.cuda:
-        torch.cuda.reset_peak_memory_stats()
-    start = clock.now()
-    sampler = Sampler(params, seed, lm.device)
-    session = Session(lm, prompt_ids, max_new_tokens, sampler, clock, start)
-    logits = engine.start(prompt_ids)  # (1, V)
-    session.emit([int(sampler.choose(logits[-1]))])
-    return session, clock.now() - start
-
-
-@torch.inference_mode()
-def generate(
-    engine: Engine,
-    prompt_ids: list[int],
-    max_new_tokens: int,
-    params: SamplingParams | None = None,
-    seed: int = 0,
-) -> PromptResult:
-    """Plain autoregressive decoding on an engine: one target forward per new token."""
-    session, prefill_ms = start_session(
-        engine, prompt_ids, max_new_tokens, params or SamplingParams(), seed
-    )
-    device = engine.lm.device
-    while not session.done:
-        t0 = session.clock.now()
-        last = torch.tensor([[session.new_ids[-1]]], device=device)  # (1, 1)
-        logits = engine.forward(last, keep=1)  # (1, V)
-        token = int(session.sampler.choose(logits[-1]))
-        t1 = session.clock.now()
-        emitted = session.emit([token])
-        session.record(
-            k=0, proposed=0, accepted=0, emitted=emitted,
-            draft_ms=0.0, verify_ms=t1 - t0, step_ms=session.clock.now() - t0,
-        )  # fmt: skip
-    return session.result(prefill_ms)
-
-
-@torch.inference_mode()
-def speculative(
-    engine: Engine,
-    drafter: Drafter,
-    policy: PolicySpec,
-    controller: Controller,
-    prompt_ids: list[int],
-    max_new_tokens: int,
-    params: SamplingParams | None = None,
-    seed: int = 0,
-) -> PromptResult:
-    """Speculative decoding of one prompt on an engine; the same steps as speculative.generate."""
-    if drafter.needs_hidden:
-        raise ValueError(
-            "drafters that read the target's hidden states (medusa, eagle) run on the dynamic "
-            "cache only: use static_cache: false for them"
-        )
-    # 0. Prefill the target (which emits the first token) and the drafter.
-    session, prefill_ms = start_session(
-        engine, prompt_ids, max_new_tokens, params or SamplingParams(), seed
-    )
-    t0 = session.clock.now()
-    drafter.start(prompt_ids)
-    draft_prefill_ms = session.clock.now() - t0
-    device = engine.lm.device
-    empty = torch.empty(0, dtype=torch.long, device=device)
-    while not session.done:
-        step_start = session.clock.now()
-        sequence = prompt_ids + session.new_ids
-        # The target cache holds every token but the last emitted one: len(sequence) - 1.
-        # 1. K for this step; never draft past max_new_tokens (the last token is the target's).
-        k_chosen = controller.next_k()
-        k = min(k_chosen, session.remaining - 1)
-        # 2. Draft up to K tokens: (P,) ids on the target's device, P <= K.
-        want_probs = policy.needs_draft_probs
-        proposal = drafter.propose(sequence, k, session.sampler, want_probs) if k else None
-        draft_tokens = proposal.tokens.to(device) if proposal else empty
-        proposed = int(draft_tokens.shape[0])
-        verify_start = session.clock.now()
-        # 3. One target forward scores all P+1 positions: (P+1, V).
-        ids = torch.cat([torch.tensor(sequence[-1:], device=device), draft_tokens])[None]
-        target_logits = engine.forward(ids, proposed + 1)
-        # 4. The policy decides how many drafts to keep and which token follows them.
-        verdict = policy.fn(
-            draft_tokens, proposal.probs if proposal else None, target_logits, session.sampler
-        )
-        verify_end = session.clock.now()
-        # 5. Emit accepted drafts plus the correction/bonus token, cut at EOS and max_new_tokens.
-        emitted = session.emit(draft_tokens[: verdict.accepted].tolist() + [verdict.next_token])
-        # 6. Roll both caches back to the accepted prefix (the new last token stays uncached).
-        valid = len(sequence) + verdict.accepted
-        engine.rollback(valid)
-        drafter.rollback(valid)
-        # 7. The controller learns from the step and picks the next K.
-        if proposed:
-            controller.update(proposed, verdict.accepted)
-        session.record(
-            k=k_chosen, proposed=proposed, accepted=verdict.accepted, emitted=emitted,
-            draft_ms=verify_start - step_start, verify_ms=verify_end - verify_start,
-            step_ms=session.clock.now() - step_start,
-        )  # fmt: skip
-    return session.result(prefill_ms, draft_prefill_ms)
+def engine_for(lm: LoadedModel | Engine) -> Engine:
+    """An engine as given, or the reference DynamicEngine around a loaded model."""
+    return DynamicEngine(lm) if isinstance(lm, LoadedModel) else lm

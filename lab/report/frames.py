@@ -1,0 +1,95 @@
+"""Numeric frames derived from the items, shared by the sections and the dvc plots data."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+
+from lab import stats
+from lab.pipeline.store import Item
+from lab.report.load import ReportSettings, Results, first, label, method
+
+ACCEPTED_LENGTH_COLUMNS = ("drafter", "emitted", "steps", "share")
+POSITION_COLUMNS = ("configuration", "position", "proposed", "acceptance")
+
+
+def spec_row(item: Item, settings: ReportSettings) -> dict[str, Any]:
+    """The columns every speculative table draws from (metrics.json plus an acceptance CI)."""
+    m = item.metrics
+    acc = (
+        stats.acceptance_ci(item.steps, settings.seed, settings.bootstrap_samples)
+        if m["acceptance_rate"] is not None
+        else (None, None, None)
+    )
+    return {
+        "configuration": label(item),
+        "k": int(method(item)["k"]),
+        "mean_k": m["mean_k"],
+        "acceptance_rate": m["acceptance_rate"],
+        "acceptance_rate_ci_low": acc[1],
+        "acceptance_rate_ci_high": acc[2],
+        "mean_accepted_length": m["mean_accepted_length"],
+        "tokens_per_s": m["tokens_per_s"],
+        "speedup": m["speedup"],
+        "speedup_ci_low": m["speedup_ci_low"],
+        "speedup_ci_high": m["speedup_ci_high"],
+        "throughput_ratio": m["throughput_ratio"],
+        "greedy_match_rate": m["greedy_match_rate"],
+        "cost_ratio": m["cost_ratio"],
+        "predicted_speedup": m.get("predicted_speedup"),
+    }
+
+
+def spec_frame(items: list[Item], settings: ReportSettings, columns: list[str]) -> pd.DataFrame:
+    """spec_row of each item, these columns."""
+    return pd.DataFrame([spec_row(i, settings) for i in items])[columns]
+
+
+def perplexity_by_item(results: Results) -> pd.DataFrame:
+    """Mean (as in perplexity/metrics.json) and pooled perplexity per stage/item."""
+    outputs = results.outputs_ppl
+    if outputs is None:
+        return pd.DataFrame(columns=["stage", "item", "tokens", "perplexity", "pooled_perplexity"])
+    grouped = outputs.groupby(["stage", "item"], sort=False)
+    frame = grouped.agg(tokens=("tokens", "sum"), perplexity=("perplexity", "mean"))
+    frame["pooled_perplexity"] = grouped.apply(stats.pooled_perplexity)
+    return frame.reset_index()
+
+
+def ppl_of(ppl: pd.DataFrame, item: Item) -> float | None:
+    """Mean output perplexity of one item (ppl from perplexity_by_item), None when not scored."""
+    hit = ppl[(ppl["stage"] == item.path.parent.name) & (ppl["item"] == item.path.name)]
+    return float(hit["perplexity"].iloc[0]) if len(hit) else None
+
+
+def accepted_length(items: list[Item]) -> pd.DataFrame:
+    """Share of steps emitting n tokens, per drafter item (first repetition)."""
+    frames = []
+    for item in items:
+        counts = first(item.steps)["emitted"].value_counts().sort_index()
+        frames.append(
+            pd.DataFrame(
+                {
+                    "drafter": label(item),
+                    "emitted": counts.index,
+                    "steps": counts.to_numpy(),
+                    "share": (counts / counts.sum()).to_numpy(),
+                }
+            )
+        )
+    if not frames:
+        return pd.DataFrame(columns=list(ACCEPTED_LENGTH_COLUMNS))
+    return pd.concat(frames, ignore_index=True)
+
+
+def acceptance_positions(items: list[Item]) -> pd.DataFrame:
+    """stats.acceptance_by_position for every item that proposed anything, long form."""
+    frames = [
+        stats.acceptance_by_position(i.steps).assign(configuration=label(i))
+        for i in items
+        if first(i.steps)["proposed"].sum() > 0
+    ]
+    if not frames:
+        return pd.DataFrame(columns=list(POSITION_COLUMNS))
+    return pd.concat(frames, ignore_index=True)[list(POSITION_COLUMNS)]

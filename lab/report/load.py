@@ -1,0 +1,247 @@
+"""Reading experiments/ and params.yaml into what the report needs, checked so bad files name
+themselves."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from lab.engine.records import STEP_COLUMNS
+from lab.pipeline import store
+from lab.pipeline.store import Item
+
+# Stages whose items are decoding runs, in report order.
+STAGES = ("baseline", "ksweep", "policies", "drafters", "adaptive")
+
+# The policies lab.engine.policies registers as lossless (tests/test_report.py checks that they
+# agree): config.json records only the policy's name, and importing the registry would load torch.
+# Any other name, unknown ones included, is never claimed lossless.
+LOSSLESS_POLICIES = frozenset({"exact", "rejection"})
+
+# What read_item's frames and metrics.json must carry for the report to mean anything.
+ROW_COLUMNS = ("question_id", "category", "repetition", "new_tokens", "total_ms",
+               "ttft_ms", "token_ids")  # fmt: skip
+METRIC_KEYS = ("prompts", "new_tokens", "tokens_per_s", "ttft_ms", "peak_rss_mb",
+               "acceptance_rate", "mean_accepted_length", "mean_k")  # fmt: skip
+SPEC_METRIC_KEYS = ("speedup", "speedup_ci_low", "speedup_ci_high", "throughput_ratio",
+                    "greedy_match_rate", "cost_ratio")  # fmt: skip
+LOSSLESS_COLUMNS = ("question_id", "identical", "first_diff", "logit_margin")
+OUTPUTS_COLUMNS = ("stage", "item", "question_id", "tokens", "perplexity")
+CORPUS_COLUMNS = ("model", "role", "tokens", "perplexity")
+
+
+class ReportError(ValueError):
+    """A file under experiments/ (or params.yaml) malformed or missing what the report needs."""
+
+
+@dataclass(frozen=True)
+class ReportSettings:
+    """The params.yaml values the report uses."""
+
+    seed: int
+    bootstrap_samples: int
+    draft: str  # models.draft: named when no item records a draft model
+    scorer: str  # models.scorer: the perplexity stage's scorer
+    planned: dict[str, Any]  # the run settings asked for, in config.json's run shape
+
+
+def read_settings(path: Path) -> ReportSettings:
+    """params.yaml's keys the report reads; a missing key or a non-integer count names itself."""
+    # The only place the report reads params: switch to the typed params model here.
+    params = yaml.safe_load(path.read_text())
+
+    def get(key: str) -> Any:
+        node: Any = params
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise ReportError(f"{path}: missing key {key!r}")
+            node = node[part]
+        return node
+
+    def count(key: str) -> int:
+        value = get(key)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ReportError(f"{path}: {key} must be an integer, got {value!r}")
+        return value
+
+    return ReportSettings(
+        seed=count("seed"),
+        bootstrap_samples=count("report.bootstrap_samples"),
+        draft=str(get("models.draft")),
+        scorer=str(get("models.scorer")),
+        planned={
+            "target": get("models.target"),
+            "device": get("models").get("device"),
+            "dtype": get("models").get("dtype"),
+            "prompts": get("prompts"),
+            "generation": get("generation"),
+            "seed": count("seed"),
+            "repetitions": count("run.repetitions"),
+            "warmup": count("run.warmup"),
+        },
+    )
+
+
+@dataclass
+class Results:
+    """Everything under experiments/ the report reads."""
+
+    items: dict[str, list[Item]]  # stage -> items, in display order
+    models: dict[str, Any] | None  # prepare/models.json
+    outputs_ppl: pd.DataFrame | None  # perplexity/outputs.csv
+    corpus_ppl: pd.DataFrame | None  # perplexity/corpus.csv
+    gpu: pd.DataFrame | None  # gpu/*.json, one row per file
+
+    @property
+    def baseline(self) -> Item | None:
+        found = self.items.get("baseline", [])
+        return found[0] if found else None
+
+    @property
+    def runs(self) -> list[Item]:
+        """Every item that ran its own generations (reused copies would repeat a row)."""
+        return [i for s in STAGES for i in self.items.get(s, []) if "reused_from" not in i.config]
+
+    @property
+    def speculative(self) -> list[Item]:
+        return [i for i in self.runs if not is_baseline(i)]
+
+
+# --- reading experiments/ ------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> Any:
+    """Parsed JSON; a parse error names the file."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ReportError(f"{path}: not valid JSON: {err}") from err
+
+
+def _require(path: Path, have: Any, keys: tuple[str, ...], what: str) -> None:
+    """Fail naming the file and the missing keys or columns."""
+    missing = [k for k in keys if k not in have]
+    if missing:
+        raise ReportError(f"{path}: missing {what} {', '.join(missing)}")
+
+
+def _check_metrics(path: Path, metrics: Any, speculative: bool) -> None:
+    """metrics.json must be an object of numbers (None where a metric does not apply)."""
+    if not isinstance(metrics, dict):
+        raise ReportError(f"{path}: expected a JSON object, got {type(metrics).__name__}")
+    keys = METRIC_KEYS + (SPEC_METRIC_KEYS if speculative else ())
+    _require(path, metrics, keys, "metrics")
+    for key, value in metrics.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise ReportError(f"{path}: metric {key!r} must be a number, got {value!r}")
+    if speculative and metrics["speedup"] is None:
+        raise ReportError(f"{path}: metric 'speedup' is null for a speculative configuration")
+
+
+def read(path: Path) -> Item:
+    """One item via store.read_item, checked so that a malformed file names itself."""
+    config = _read_json(path / store.CONFIG)
+    if not isinstance(config, dict) or not isinstance(config.get("run"), dict):
+        raise ReportError(f"{path / store.CONFIG}: expected an object with a 'run' object")
+    method = config["run"].get("method")
+    if not isinstance(method, dict):
+        raise ReportError(f"{path / store.CONFIG}: missing run.method")
+    _require(path / store.CONFIG, method, ("drafter", "policy", "k", "controller"), "keys")
+    metrics_path = path / store.METRICS
+    _check_metrics(metrics_path, _read_json(metrics_path), method["drafter"] != "none")
+    try:
+        item = store.read_item(path)
+    except (OSError, ValueError) as err:  # pandas parse errors are ValueErrors without the path
+        raise ReportError(f"{path}: cannot read item: {err}") from err
+    _require(path / store.PROMPTS, item.rows.columns, ROW_COLUMNS, "columns")
+    _require(path / store.STEPS, item.steps.columns, STEP_COLUMNS, "columns")
+    return item
+
+
+def read_csv(path: Path, columns: tuple[str, ...]) -> pd.DataFrame | None:
+    """A CSV with the given columns, or None when the file is absent."""
+    if not path.exists():
+        return None
+    try:
+        frame = pd.read_csv(path, dtype={"question_id": str, "item": str})
+    except (OSError, ValueError) as err:
+        raise ReportError(f"{path}: cannot read CSV: {err}") from err
+    _require(path, frame.columns, columns, "columns")
+    return frame
+
+
+def _gpu(folder: Path) -> pd.DataFrame | None:
+    """experiments/gpu/*.json flattened, one row per file."""
+    rows = []
+    for path in sorted(folder.glob("*.json")):
+        data = _read_json(path)
+        if not isinstance(data, dict):
+            raise ReportError(f"{path}: expected a JSON object")
+        rows.append({"file": path.stem, **pd.json_normalize(data).iloc[0].to_dict()})
+    return pd.DataFrame(rows) if rows else None
+
+
+def load_results(experiments: Path) -> Results:
+    """Every item and side file present under experiments/ (absent stages are simply missing)."""
+    items: dict[str, list[Item]] = {}
+    for stage in STAGES:
+        folder = experiments / stage
+        if folder.is_dir():
+            # Dot-folders are write_item's temporaries and leftovers, never results.
+            paths = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+            items[stage] = sorted((read(p) for p in paths), key=_order)
+    models_path = experiments / "prepare" / "models.json"
+    models = _read_json(models_path) if models_path.exists() else None
+    if models is not None and not isinstance(models, dict):
+        raise ReportError(f"{models_path}: expected a JSON object")
+    return Results(
+        items=items,
+        models=models,
+        outputs_ppl=read_csv(experiments / "perplexity" / "outputs.csv", OUTPUTS_COLUMNS),
+        corpus_ppl=read_csv(experiments / "perplexity" / "corpus.csv", CORPUS_COLUMNS),
+        gpu=_gpu(experiments / "gpu"),
+    )
+
+
+# --- item properties -------------------------------------------------------------------------
+
+
+def method(item: Item) -> dict[str, Any]:
+    """The item's run.method: drafter, policy, k, controller and its params."""
+    found: dict[str, Any] = item.config["run"]["method"]
+    return found
+
+
+def is_baseline(item: Item) -> bool:
+    return bool(method(item)["drafter"] == "none")
+
+
+def _order(item: Item) -> tuple[int, str]:
+    """By K, then by name: the K sweep in K order, other stages (one K) by name."""
+    return int(method(item)["k"]), item.path.name
+
+
+def is_lossy(item: Item) -> bool:
+    """True unless the policy is a lossless one."""
+    return method(item)["policy"] not in LOSSLESS_POLICIES
+
+
+def stage_item(path: Path) -> str:
+    """'stage/item' of an item's folder."""
+    return f"{path.parent.name}/{path.name}"
+
+
+def label(item: Item) -> str:
+    """stage/item, marked when the configuration is lossy."""
+    name = stage_item(item.path)
+    return f"{name} (lossy)" if not is_baseline(item) and is_lossy(item) else name
+
+
+def first(frame: pd.DataFrame) -> pd.DataFrame:
+    """First repetition only: per-step statistics in metrics.json use it too."""
+    return frame[frame["repetition"] == 0]

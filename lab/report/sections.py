@@ -1,0 +1,190 @@
+"""Section, the unit of the report, and the sections on output quality, step time and the GPU."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from lab import stats
+from lab.pipeline import store
+from lab.report.figures import latency_figure, position_figure
+from lab.report.frames import acceptance_positions, perplexity_by_item
+from lab.report.load import (
+    CORPUS_COLUMNS,
+    LOSSLESS_COLUMNS,
+    Results,
+    first,
+    label,
+    method,
+    read_csv,
+)
+from lab.report.tables import Table, fmt, make_table
+
+
+@dataclass
+class Section:
+    """One report section: paragraphs, tables and figures (name, figure, caption)."""
+
+    title: str
+    text: list[str] = field(default_factory=list)
+    tables: list[Table] = field(default_factory=list)
+    figures: list[tuple[str, Figure, str]] = field(default_factory=list)
+
+
+def no_data(what: str) -> str:
+    """The one line a section without data shows."""
+    return f"_No data: {what}._"
+
+
+def lossless_table(checks: dict[str, pd.DataFrame]) -> Table:
+    """Per configuration: identical prompts / total, and where the others first differ."""
+    rows = []
+    for name, check in checks.items():
+        differing = check[~check["identical"].astype(bool)]
+        where = "; ".join(
+            f"{r.question_id} at token {fmt(int(r.first_diff))} (margin {fmt(r.logit_margin)})"
+            for r in differing.itertuples()
+        )
+        rows.append(
+            {
+                "configuration": name,
+                "identical": int(check["identical"].sum()),
+                "total": len(check),
+                "differing": where or "none",
+            }
+        )
+    data = pd.DataFrame(rows)
+    table = make_table("lossless", "Lossless check against the greedy baseline", data)
+    table.shown.insert(1, "identical / total", [f"{r['identical']}/{r['total']}" for r in rows])
+    table.shown = table.shown.drop(columns=["identical", "total"])
+    table.shown = table.shown.rename(columns={"differing": "differing prompts: first diff"})
+    return table
+
+
+def lossless_section(results: Results) -> Section:
+    """Lossless configurations under greedy must reproduce the baseline token for token."""
+    section = Section("Lossless check")
+    checks = {
+        label(i): read_csv(i.path / store.LOSSLESS, LOSSLESS_COLUMNS) for i in results.speculative
+    }
+    # write_item leaves a header-only lossless.csv where no check ran (lossy or sampled runs).
+    present = {name: f for name, f in checks.items() if f is not None and len(f)}
+    if not present:
+        section.text.append(no_data("no lossless check ran (it needs a lossless method, greedy)"))
+        return section
+    section.tables.append(lossless_table(present))
+    unchecked = [name for name in checks if name not in present]
+    if unchecked:
+        section.text.append(f"Not checked (lossy or sampled): {', '.join(unchecked)}.")
+    return section
+
+
+def perplexity_section(results: Results) -> Section:
+    """Output perplexity per configuration and target/draft perplexity on a reference corpus."""
+    section = Section("Perplexity")
+    if results.outputs_ppl is None and results.corpus_ppl is None:
+        section.text.append(no_data("experiments/perplexity/ is absent"))
+        return section
+    if results.outputs_ppl is not None:
+        data = perplexity_by_item(results)
+        labels = {
+            (i.path.parent.name, i.path.name): label(i) for s in results.items.values() for i in s
+        }
+        names = [
+            labels.get((s, i), f"{s}/{i}") for s, i in zip(data["stage"], data["item"], strict=True)
+        ]
+        data.insert(0, "configuration", names)
+        data = data.drop(columns=["stage", "item"])
+        caption = "Perplexity of each configuration's outputs under the scorer"
+        section.tables.append(make_table("perplexity_outputs", caption, data))
+    if results.corpus_ppl is not None:
+        data = results.corpus_ppl[list(CORPUS_COLUMNS)]
+        caption = "Perplexity of target and draft on the reference corpus"
+        section.tables.append(make_table("perplexity_corpus", caption, data))
+    return section
+
+
+def latency_section(results: Results) -> Section:
+    """Distribution of per-step wall time for every configuration."""
+    section = Section("Per-step latency")
+    if not results.runs:
+        section.text.append(no_data("no configuration has results"))
+        return section
+    steps = {label(i): first(i.steps)["step_ms"] for i in results.runs}
+    data = pd.DataFrame(
+        {
+            "configuration": list(steps),
+            "step_ms_median": [s.median() for s in steps.values()],
+            "step_ms_p90": [s.quantile(0.9) for s in steps.values()],
+            "steps": [len(s) for s in steps.values()],
+        }
+    )
+    section.tables.append(make_table("step_latency", "Per-step wall time (ms)", data))
+    section.figures.append(("step_latency", latency_figure(steps), "Per-step wall time"))
+    return section
+
+
+def breakdown_section(results: Results) -> Section:
+    """Where each step's time goes per configuration; peak memory per configuration and stage."""
+    section = Section("Step time breakdown and memory")
+    if not results.runs:
+        section.text.append(no_data("no configuration has results"))
+        return section
+    rows = [
+        {
+            "configuration": label(i),
+            "drafter": method(i)["drafter"],
+            **stats.step_breakdown(first(i.steps)),
+            "peak_rss_mb": i.metrics["peak_rss_mb"],
+            "peak_cuda_mb": i.metrics.get("peak_cuda_mb"),
+        }
+        for i in results.runs
+    ]
+    data = pd.DataFrame(rows)
+    if data["peak_cuda_mb"].isna().all():  # a CPU run measures no CUDA memory
+        data = data.drop(columns="peak_cuda_mb")
+    caption = "Mean ms per step (first repetition) by phase, and peak memory"
+    section.tables.append(make_table("step_breakdown", caption, data))
+    section.tables.append(make_table("memory", "Peak memory per stage", memory_by_stage(data)))
+    # store.write_item moves a profile folder in only when the run was profiled.
+    profiled = [f"`{i.path / store.PROFILE}`" for i in results.runs if (i.path / store.PROFILE).is_dir()]
+    if profiled:
+        section.text.append(
+            "Profiled with torch.profiler (timings include its overhead; Chrome traces, top "
+            f"operators and per-step phases in): {', '.join(profiled)}."
+        )
+    return section
+
+
+def memory_by_stage(breakdown: pd.DataFrame) -> pd.DataFrame:
+    """Peak RSS (and CUDA, when measured) per stage: the max over the stage's configurations."""
+    stage = breakdown["configuration"].str.split("/").str[0]
+    columns = [c for c in ("peak_rss_mb", "peak_cuda_mb") if c in breakdown]
+    grouped = breakdown[columns].groupby(stage, sort=False)
+    data = grouped.max().add_suffix("_max").reset_index(names="stage")
+    data.insert(1, "items", grouped.size().to_numpy())
+    return data
+
+
+def position_section(results: Results) -> Section:
+    """How acceptance decays along the draft: P(position i kept | i proposed)."""
+    section = Section("Acceptance by draft position")
+    data = acceptance_positions(results.speculative)
+    if data.empty:
+        section.text.append(no_data("no speculative configuration has results"))
+        return section
+    fig = position_figure(data)
+    section.figures.append(("acceptance_by_position", fig, "Acceptance by draft position"))
+    return section
+
+
+def gpu_section(results: Results) -> Section:
+    """GPU measurements (experiments/gpu/*.json), shown as recorded."""
+    section = Section("GPU")
+    if results.gpu is None:
+        section.text.append(no_data("experiments/gpu/ has no results"))
+        return section
+    section.tables.append(make_table("gpu", "GPU measurements", results.gpu))
+    return section

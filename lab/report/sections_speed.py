@@ -1,0 +1,203 @@
+"""The speed sections: baseline, K sweep, policies, drafters, controllers, prediction, categories."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+
+from lab import stats
+from lab.report.figures import accepted_length_figure, frontier_figure, ksweep_figure
+from lab.report.frames import accepted_length, perplexity_by_item, ppl_of, spec_frame
+from lab.report.load import ReportSettings, Results, first, is_lossy, label, method
+from lab.report.sections import Section, no_data
+from lab.report.tables import MISSING, ci, fmt, header, make_table
+
+
+def baseline_section(results: Results) -> Section:
+    """The target alone: the reference every speed-up divides by."""
+    section = Section("Baseline")
+    base = results.baseline
+    if base is None:
+        section.text.append(no_data("experiments/baseline/ is absent"))
+        return section
+    m, step_ms = base.metrics, first(base.steps)["step_ms"]
+    row = {
+        "configuration": label(base),
+        "prompts": m["prompts"],
+        "new_tokens": m["new_tokens"],
+        "tokens_per_s": m["tokens_per_s"],
+        "ttft_ms": m["ttft_ms"],
+        "step_ms_median": step_ms.median(),
+        "peak_rss_mb": m["peak_rss_mb"],
+    }
+    if m.get("peak_cuda_mb") is not None:
+        row["peak_cuda_mb"] = m["peak_cuda_mb"]
+    section.tables.append(make_table("baseline", "Baseline (target alone)", pd.DataFrame([row])))
+    return section
+
+
+def ksweep_section(results: Results, settings: ReportSettings) -> Section:
+    """Fixed K: speed-up and acceptance against the draft length."""
+    section = Section("K sweep")
+    items = results.items.get("ksweep", [])
+    if not items:
+        section.text.append(no_data("experiments/ksweep/ is absent or empty"))
+        return section
+    columns = [
+        "k",
+        *ci("acceptance_rate"),
+        "mean_accepted_length",
+        "tokens_per_s",
+        *ci("speedup"),
+        "throughput_ratio",
+        "cost_ratio",
+        "predicted_speedup",
+    ]
+    data = spec_frame(items, settings, columns)
+    section.tables.append(make_table("ksweep", "Speed-up and acceptance against K", data))
+    section.figures.append(("ksweep", ksweep_figure(data), "Speed-up and acceptance against K"))
+    return section
+
+
+def policies_section(results: Results, settings: ReportSettings) -> Section:
+    """Acceptance rules: speed-up against quality (perplexity, greedy match)."""
+    section = Section("Acceptance policies")
+    items = results.items.get("policies", [])
+    if not items:
+        section.text.append(no_data("experiments/policies/ is absent or empty"))
+        return section
+    ppl = perplexity_by_item(results)
+    columns = [
+        "configuration",
+        *ci("acceptance_rate"),
+        "mean_accepted_length",
+        *ci("speedup"),
+        "greedy_match_rate",
+    ]
+    data = spec_frame(items, settings, columns)
+    data.insert(1, "policy", [method(i)["policy"] for i in items])
+    data.insert(2, "lossy", [is_lossy(i) for i in items])
+    data["perplexity"] = [ppl_of(ppl, i) for i in items]
+    section.tables.append(
+        make_table("policies", "Acceptance policies: speed against quality", data)
+    )
+    if results.outputs_ppl is None:
+        section.text.append(no_data("experiments/perplexity/outputs.csv is absent, no frontier"))
+        return section
+    base = ppl_of(ppl, results.baseline) if results.baseline else None
+    section.text.append(f"Baseline output perplexity: {fmt(base)}.")
+    fig = frontier_figure(data, base)
+    section.figures.append(("frontier", fig, "Speed-quality frontier of the acceptance policies"))
+    return section
+
+
+def drafters_section(results: Results, settings: ReportSettings) -> Section:
+    """Draft sources at the default K: speed-up and tokens per step."""
+    section = Section("Drafters")
+    items = results.items.get("drafters", [])
+    if not items:
+        section.text.append(no_data("experiments/drafters/ is absent or empty"))
+        return section
+    columns = [
+        "configuration",
+        "k",
+        *ci("acceptance_rate"),
+        "mean_accepted_length",
+        "tokens_per_s",
+        *ci("speedup"),
+        "cost_ratio",
+        "predicted_speedup",
+    ]
+    data = spec_frame(items, settings, columns)
+    data.insert(1, "drafter", [method(i)["drafter"] for i in items])
+    section.tables.append(make_table("drafters", "Drafters", data))
+    fig = accepted_length_figure(accepted_length(items))
+    section.figures.append(("accepted_length", fig, "Tokens emitted per step, per drafter"))
+    return section
+
+
+def controllers_section(results: Results, settings: ReportSettings) -> Section:
+    """Adaptive K against the best fixed K in hindsight."""
+    section = Section("K controllers")
+    items = results.items.get("adaptive", [])
+    if not items:
+        section.text.append(no_data("experiments/adaptive/ is absent or empty"))
+        return section
+    columns = [
+        "configuration",
+        "k",
+        "mean_k",
+        *ci("acceptance_rate"),
+        "mean_accepted_length",
+        *ci("speedup"),
+    ]
+    data = spec_frame(items, settings, columns)
+    data.insert(
+        1,
+        "controller_params",
+        [json.dumps(method(i)["controller_params"], sort_keys=True) for i in items],
+    )
+    fixed = results.items.get("ksweep", [])
+    if fixed:
+        best = max(fixed, key=lambda i: float(i.metrics["speedup"]))
+        data["best_fixed_k"] = int(method(best)["k"])
+        data["best_fixed_speedup"] = float(best.metrics["speedup"])
+        data["regret"] = data["best_fixed_speedup"] / data["speedup"] - 1.0
+        data["regret_oracle"] = [
+            stats.oracle_regret(i.rows, [f.rows for f in fixed]) for i in items
+        ]
+    else:
+        section.text.append(no_data("no K sweep, so no regret against the best fixed K"))
+    section.tables.append(make_table("controllers", "K controllers and their regret", data))
+    return section
+
+
+def predicted_section(results: Results, settings: ReportSettings) -> Section:
+    """Measured speed-up beside the Leviathan prediction from measured a, K and c."""
+    section = Section("Measured vs predicted speed-up")
+    items = results.speculative
+    if not items:
+        section.text.append(no_data("no speculative configuration has results"))
+        return section
+    columns = [
+        "configuration",
+        "mean_k",
+        "acceptance_rate",
+        "cost_ratio",
+        "predicted_speedup",
+        *ci("speedup"),
+    ]
+    data = spec_frame(items, settings, columns)
+    data["measured_over_predicted"] = data["speedup"] / data["predicted_speedup"].astype(float)
+    caption = "Measured speed-up against the prediction from measured a and c"
+    section.tables.append(make_table("predicted", caption, data))
+    return section
+
+
+def categories_section(results: Results, settings: ReportSettings) -> Section:
+    """Speed-up per prompt category, paired with the baseline on that category's prompts."""
+    section = Section("Per-category speed-up")
+    base, items = results.baseline, results.speculative
+    if base is None or not items:
+        section.text.append(
+            no_data("needs the baseline and at least one speculative configuration")
+        )
+        return section
+    frames = [
+        stats.category_speedups(i.rows, base.rows, settings.seed).assign(configuration=label(i))
+        for i in items
+    ]
+    data = pd.concat(frames, ignore_index=True)
+    data = data[["configuration", "category", "prompts", *ci("speedup")]]
+    table = make_table("categories", "Speed-up per prompt category [95% CI]", data)
+    # Shown wide (configurations x categories); the CSV stays long, one row per pair.
+    table.shown = (
+        table.shown.pivot(index="configuration", columns="category", values=header("speedup", True))
+        .reindex(index=data["configuration"].unique(), columns=data["category"].unique())
+        .fillna(MISSING)
+        .reset_index()
+    )
+    table.shown.columns.name = None
+    section.tables.append(table)
+    return section
