@@ -1,4 +1,4 @@
-"""lab.method (split from lab/experiment.py)."""
+"""The method runner: a decoding configuration -> drafter + policy + controller -> the loop."""
 
 from __future__ import annotations
 

@@ -7,7 +7,6 @@ from lab.pipeline import params as P
 from lab.pipeline import stage
 
 name = sys.argv[1]
-params = stage.load_params()
-settings = P.controller_settings(params, name)
-method = Method("draft_model", "exact", params["k"], name, settings)
-stage.run("adaptive", name, method, reuse_from=("ksweep",))
+params = P.load()
+method = Method("draft_model", "exact", params.k, name, params.adaptive.settings(name))
+stage.run(params, "adaptive", name, method, reuse_from=("ksweep",))

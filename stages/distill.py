@@ -7,19 +7,17 @@ from lab import models
 from lab.drafting import distill
 from lab.pipeline import params as P
 from lab.pipeline import tracking
-from lab.pipeline.stage import EXPERIMENTS, load_params
+from lab.pipeline.stage import EXPERIMENTS
 
-params = load_params()
-settings = params["distill"]
-prompts = P.distill_prompts(params)
-target_name = P.model_name(params, "target")
-load = {"device": params["models"].get("device"), "dtype": params["models"].get("dtype")}
+params = P.load()
+settings = params.distill
+target_name = params.models.target
 out = EXPERIMENTS / "distill"
-config = {"distill": settings, "target": target_name, **load}
+config = {"distill": settings.model_dump(), "target": target_name, **params.models.placement()}
 with tracking.stage_run("distill", "target", config, device=str(models.resolve_device())) as run:
-    target = models.load(target_name, **load)
+    target = models.load(target_name, **params.models.placement())
     start = time.perf_counter()
-    data = distill.distill(target, prompts, settings["max_new_tokens"], settings["batch_size"])
+    data = distill.distill(target, settings.suite(), settings.max_new_tokens, settings.batch_size)
     seconds = time.perf_counter() - start
     metrics = {"sequences": len(data), "generated_tokens": data.generated_tokens(),
                "seconds": seconds, "tokens_per_s": data.generated_tokens() / seconds}  # fmt: skip

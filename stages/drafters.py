@@ -7,6 +7,6 @@ from lab.pipeline import params as P
 from lab.pipeline import stage
 
 name = sys.argv[1]
-params = stage.load_params()
-method = Method(name, "exact", params["k"], drafter_params=P.drafter_params(params, name))
-stage.run("drafters", name, method, reuse_from=("ksweep", "policies"))
+params = P.load()
+method = Method(name, "exact", params.k, drafter_params=params.drafters.settings(name))
+stage.run(params, "drafters", name, method, reuse_from=("ksweep", "policies"))

@@ -3,7 +3,8 @@
 import sys
 
 from lab.method import Method
+from lab.pipeline import params as P
 from lab.pipeline import stage
 
 k = int(sys.argv[1])
-stage.run("ksweep", f"k{k}", Method(drafter="draft_model", policy="exact", k=k))
+stage.run(P.load(), "ksweep", f"k{k}", Method(drafter="draft_model", policy="exact", k=k))

@@ -8,14 +8,12 @@ from lab import models
 from lab.pipeline import params as P
 from lab.pipeline import perplexity as ppl
 from lab.pipeline import store, tracking
-from lab.pipeline.stage import EXPERIMENTS, load_params
+from lab.pipeline.stage import EXPERIMENTS
 
 STAGES = ("baseline", "ksweep", "policies", "drafters", "adaptive")
-params = load_params()
-settings = params["perplexity"]
-window, stride = settings["window"], settings["stride"]
-ppl.check_window(window, stride)
-load = {"device": params["models"].get("device"), "dtype": params["models"].get("dtype")}
+params = P.load()
+settings, names = params.perplexity, params.models
+window, stride = settings.window, settings.stride
 out = EXPERIMENTS / "perplexity"
 out.mkdir(parents=True, exist_ok=True)
 items = [
@@ -24,18 +22,16 @@ items = [
     for p in sorted((EXPERIMENTS / s).glob("*/metrics.json"))
 ]
 
-with tracking.stage_run("perplexity", "all", {"perplexity": settings, "models": params["models"]},
-                        device=str(models.resolve_device())) as run:  # fmt: skip
-    target_name, scorer_name = P.model_name(params, "target"), P.model_name(params, "scorer")
-    target_tokenizer = models.load_tokenizer(target_name)
-    shared = models.load_tokenizer(scorer_name).get_vocab() == target_tokenizer.get_vocab()
-    scorer = models.load(scorer_name, **load)
+config = {"perplexity": settings.model_dump(), "models": names.model_dump()}
+with tracking.stage_run("perplexity", "all", config, device=str(models.resolve_device())) as run:
+    target_tokenizer = models.load_tokenizer(names.target)
+    shared = models.load_tokenizer(names.scorer).get_vocab() == target_tokenizer.get_vocab()
+    scorer = models.load(names.scorer, **names.placement())
     outputs = ppl.score_outputs(scorer, items, window, stride, None if shared else target_tokenizer)
     corpus = []
-    for role in ("target", "draft"):
-        name = P.model_name(params, role)
-        lm = scorer if name == scorer_name else models.load(name, **load)
-        corpus.append(ppl.score_corpus(lm, role, settings["corpus_chars"], window, stride))
+    for role, name in (("target", names.target), ("draft", names.draft)):
+        lm = scorer if name == names.scorer else models.load(name, **names.placement())
+        corpus.append(ppl.score_corpus(lm, role, settings.corpus_chars, window, stride))
         del lm
     del scorer
     outputs.to_csv(out / "outputs.csv", index=False)

@@ -7,6 +7,6 @@ from lab.pipeline import params as P
 from lab.pipeline import stage
 
 name = sys.argv[1]
-params = stage.load_params()
-method = Method("draft_model", name, params["k"], policy_params=P.policy_settings(params, name))
-stage.run("policies", name, method, reuse_from=("ksweep",))
+params = P.load()
+method = Method("draft_model", name, params.k, policy_params=params.policies.settings(name))
+stage.run(params, "policies", name, method, reuse_from=("ksweep",))

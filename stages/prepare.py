@@ -5,12 +5,12 @@ from pathlib import Path
 
 from lab.models import packaged
 from lab.pipeline import params as P
-from lab.pipeline.stage import load_params
 
-params = load_params()
+params = P.load()
+roles = {"target": params.models.target, "draft": params.models.draft,
+         "scorer": params.models.scorer}  # fmt: skip
 out = {}
-for role in ("target", "draft", "scorer"):
-    name = P.model_name(params, role)
+for role, name in roles.items():
     entry = {"name": name}
     if name in packaged.PACKAGED:
         entry |= {"path": str(packaged.prepare(name)), "sha256": packaged.PACKAGED[name].sha256}

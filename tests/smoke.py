@@ -75,8 +75,10 @@ def make_repo(path: Path, experiment: str, overrides: dict | None = None) -> Rep
             shutil.copy(ROOT / name, path / name)
     params = smoke_params(yaml.safe_load((path / "params.yaml").read_text()), overrides)
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # One torch thread per stage, as in the test process (conftest): tiny models gain nothing from
+    # a second, and the other core stays free for the linters `make test` runs alongside.
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "LAB_MLFLOW_EXPERIMENT": experiment}  # fmt: skip
+           "LAB_MLFLOW_EXPERIMENT": experiment, "OMP_NUM_THREADS": "1"}  # fmt: skip
     env.pop("MLFLOW_TRACKING_URI", None)
     for cmd in (
         ["git", "init", "-q"],

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from lab import models
-from lab.bench import gpu
+from lab.bench.roofline import replay_rate
 from lab.drafting.draft_model import DraftModel
+from lab.drafting.oracle import oracle_for
 from lab.engine import caches, loop
 from lab.engine.controllers import FixedK
 from lab.engine.loop import Speculation
@@ -145,9 +146,9 @@ def test_compiled_cuda_graphs_equal_baseline(cuda_qwen2, prompt_ids, k):
     out = loop.generate(compiled, prompt_ids, N)
     assert out.token_ids == base.token_ids
     assert out.peak_cuda_mb is not None and out.peak_cuda_mb > 0
-    for draft in (DraftModel(lm), gpu.oracle_for({tuple(prompt_ids): base}, lm)):
+    for draft in (DraftModel(lm), oracle_for({tuple(prompt_ids): base}, lm)):
         out = loop.generate(
             compiled, prompt_ids, N, speculation=Speculation(draft, get_policy("exact"), FixedK(k))
         )
         assert out.token_ids == base.token_ids and out.acceptance_rate == 1.0
-    assert gpu.replay_rate(compiled, prompt_ids, N) > 0
+    assert replay_rate(compiled, prompt_ids, N) > 0

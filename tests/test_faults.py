@@ -19,11 +19,12 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from lab import models, report
+from lab import models
 from lab.engine.sampling import SamplingParams
 from lab.method import Method
 from lab.pipeline.suite import run as run_method
 from lab.prompts import load_suite
+from lab.report.load import load_results
 from lab.stats import summarize
 from tests.smoke import Repo, run
 
@@ -209,7 +210,7 @@ def test_killed_stage_leaves_no_valid_output_and_rerun_recovers(
     assert _digest(path) == before
     status = run(["dvc", "status", "baseline"], path, env).stdout
     assert "params.yaml" in status and "changed outs" not in status, status
-    assert report.load(path / "experiments").baseline.metrics == json.loads(
+    assert load_results(path / "experiments").baseline.metrics == json.loads(
         (target / "metrics.json").read_text()
     )
     killed = max(_runs(path, "baseline"), key=lambda r: r.info.start_time)

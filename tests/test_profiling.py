@@ -12,7 +12,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from lab import stats
+from lab.bench import overhead
 from lab.method import Method
+from lab.pipeline import params as P
 from lab.pipeline import profiling, stage, store, tracking
 from tests.smoke import ROOT, smoke_params
 
@@ -40,7 +42,7 @@ def _set_profile(path: Path, on: bool) -> None:
 
 def test_profile_param_writes_trace_tables_and_artifacts(workdir: Path) -> None:
     _set_profile(workdir, True)
-    out = stage.run("baseline", "target", Method())
+    out = stage.run(P.load(), "baseline", "target", Method())
     folder = out / store.PROFILE
     assert json.loads((folder / profiling.TRACE).read_text())["traceEvents"]
     assert len(pd.read_csv(folder / profiling.TOP_OPS)) > 5
@@ -60,7 +62,7 @@ def test_profile_param_writes_trace_tables_and_artifacts(workdir: Path) -> None:
 
 def test_profile_off_writes_nothing_and_keeps_the_config(workdir: Path) -> None:
     _set_profile(workdir, False)
-    out = stage.run("baseline", "target", Method())
+    out = stage.run(P.load(), "baseline", "target", Method())
     assert not (out / store.PROFILE).exists()
     # Off leaves the run config as it was before the param existed, so old runs stay reusable.
     assert "profile" not in json.loads((out / store.CONFIG).read_text())["run"]
@@ -70,11 +72,11 @@ def test_profile_must_be_a_bool(workdir: Path) -> None:
     params = yaml.safe_load((workdir / "params.yaml").read_text())
     params["profile"] = "yes"
     (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    with pytest.raises(ValueError, match="profile must be true or false, got 'yes'"):
-        stage.load_params()
+    with pytest.raises(P.ParamsError, match="profile must be true or false, got 'yes'"):
+        P.load()
 
 
 def test_overhead_benchmark_prints_a_ratio(capsys: pytest.CaptureFixture[str]) -> None:
-    profiling.main(["--overhead", "--repetitions", "2", "--max-new-tokens", "4"])
+    overhead.main(["--repetitions", "2", "--max-new-tokens", "4"])
     out = capsys.readouterr().out
     assert re.search(r"ratio median \d+\.\d+, IQR \[\d+\.\d+, \d+\.\d+\]", out), out

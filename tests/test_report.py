@@ -14,13 +14,18 @@ import pandas as pd
 import pytest
 import torch
 
-from lab import report
-from lab import stats as summary
+from lab import stats
+from lab.engine.model import LoadedModel
+from lab.engine.policies import POLICIES
 from lab.engine.sampling import SamplingParams
 from lab.method import Method
-from lab.engine.model import LoadedModel
-from lab.pipeline import profiling, store, suite
+from lab.pipeline import store, suite
 from lab.prompts import CATEGORIES, load_suite
+from lab.report import load, tables
+from lab.report.load import ReportError, ReportSettings, read_settings
+from lab.report.plots import PLOTS
+from lab.report.render import main, render
+from lab.report.sections import lossless_table
 from lab.stats import summarize
 
 MAX_NEW_TOKENS = 12
@@ -150,7 +155,7 @@ class Builder:
 
 
 def _reuse(source: Path, dest: Path) -> None:
-    """What lab.pipeline.stage does for an identical configuration: copy the run, record where from."""
+    """What lab.pipeline.stage does for an identical configuration: copy, record where from."""
     shutil.copytree(source, dest)
     config = json.loads((dest / "config.json").read_text())
     config.update(stage=dest.parent.name, item=dest.name, reused_from=str(source))
@@ -227,9 +232,18 @@ def experiments(tmp_path_factory: pytest.TempPathFactory, qwen2: LoadedModel) ->
 
 
 @pytest.fixture(scope="module")
-def rendered(experiments: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list]:
+def settings(tmp_path_factory: pytest.TempPathFactory) -> ReportSettings:
+    path = tmp_path_factory.mktemp("params") / "params.yaml"
+    path.write_text(json.dumps(PARAMS))  # JSON is YAML
+    return read_settings(path)
+
+
+@pytest.fixture(scope="module")
+def rendered(
+    experiments: Path, settings: ReportSettings, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, list]:
     reports = tmp_path_factory.mktemp("out") / "reports"
-    return reports, report.render(experiments, reports, PARAMS)
+    return reports, render(experiments, reports, settings)
 
 
 def test_every_table_in_three_formats(rendered: tuple[Path, list[Path]]) -> None:
@@ -261,7 +275,7 @@ def test_report_has_every_section(rendered: tuple[Path, list[Path]]) -> None:
 
 def test_plot_data_for_dvc(rendered: tuple[Path, list[Path]]) -> None:
     reports, _ = rendered
-    for name, columns in report.PLOTS.items():
+    for name, columns in PLOTS.items():
         frame = pd.read_csv(reports / "plots" / f"{name}.csv")
         assert list(frame.columns) == list(columns) and len(frame) > 0, name
     ksweep = pd.read_csv(reports / "plots" / "ksweep.csv")
@@ -296,12 +310,20 @@ def test_speedups_come_from_metrics(rendered: tuple[Path, list[Path]], experimen
     assert f"{metrics['speedup']:.2f} [{metrics['speedup_ci_low']:.2f}, " in shown
 
 
-def test_controller_regret(rendered: tuple[Path, list[Path]]) -> None:
+def test_controller_regret(rendered: tuple[Path, list[Path]], experiments: Path) -> None:
     reports, _ = rendered
-    table = pd.read_csv(reports / "tables" / "controllers.csv")
-    expected = table["best_fixed_speedup"] / table["speedup"] - 1
-    assert np.allclose(table["regret"], expected)
-    assert table["best_fixed_k"].isin([1, 2, 4]).all()
+    table = pd.read_csv(reports / "tables" / "controllers.csv").set_index("configuration")
+    speedups = {
+        p.parent.name: json.loads(p.read_text())["speedup"]
+        for p in experiments.glob("*/*/metrics.json")
+        if p.parent.parent.name in ("ksweep", "adaptive")
+    }
+    best_k = max((1, 2, 4), key=lambda k: speedups[f"k{k}"])
+    best = speedups[f"k{best_k}"]
+    for name in ("adaptive", "heuristic"):
+        row = table.loc[f"adaptive/{name}"]
+        assert row["best_fixed_k"] == best_k and row["best_fixed_speedup"] == pytest.approx(best)
+        assert row["regret"] == pytest.approx(best / speedups[name] - 1)
 
 
 def test_categories_pair_with_baseline(rendered: tuple[Path, list[Path]]) -> None:
@@ -316,10 +338,11 @@ def test_step_breakdown_and_memory(rendered: tuple[Path, list[Path]], experiment
     table = pd.read_csv(reports / "tables" / "step_breakdown.csv").set_index("configuration")
     item = store.read_item(experiments / "ksweep" / "k2")
     steps = item.steps[item.steps["repetition"] == 0]
-    expected = profiling.step_breakdown(steps)
-    for phase in profiling.PHASES + ("step_ms",):
-        assert table.loc["ksweep/k2", phase] == pytest.approx(expected[phase])
-    phases = table[list(profiling.PHASES)].sum(axis=1)
+    for phase in ("draft_ms", "verify_ms", "accept_ms", "step_ms"):
+        assert table.loc["ksweep/k2", phase] == pytest.approx(steps[phase].mean())
+    rest = steps["step_ms"] - steps["draft_ms"] - steps["verify_ms"] - steps["accept_ms"]
+    assert table.loc["ksweep/k2", "bookkeeping_ms"] == pytest.approx(rest.mean())
+    phases = table[list(stats.PHASES)].sum(axis=1)
     assert np.allclose(phases, table["step_ms"])
     assert table.loc["baseline/target", "draft_ms"] == 0 and table["verify_ms"].gt(0).all()
     assert table.loc["ksweep/k2", "drafter"] == "draft_model"
@@ -331,21 +354,23 @@ def test_step_breakdown_and_memory(rendered: tuple[Path, list[Path]], experiment
     assert memory.loc["ksweep", "items"] == 3 and "peak_cuda_mb_max" not in memory
 
 
-def test_profiled_items_are_named(experiments: Path, tmp_path: Path) -> None:
+def test_profiled_items_are_named(
+    experiments: Path, settings: ReportSettings, tmp_path: Path
+) -> None:
     copy = tmp_path / "experiments"
     shutil.copytree(experiments, copy)
     (copy / "ksweep" / "k2" / store.PROFILE).mkdir()
-    (copy / "ksweep" / "k2" / store.PROFILE / profiling.TRACE).write_text("{}")
-    report.render(copy, tmp_path / "reports", PARAMS)
+    render(copy, tmp_path / "reports", settings)
     text = (tmp_path / "reports" / "report.md").read_text()
     assert f"`{copy / 'ksweep' / 'k2' / store.PROFILE}`" in text
+    assert f"`{copy / 'ksweep' / 'k1' / store.PROFILE}`" not in text
 
 
-def test_missing_stages_render(experiments: Path, tmp_path: Path) -> None:
+def test_missing_stages_render(experiments: Path, settings: ReportSettings, tmp_path: Path) -> None:
     partial = tmp_path / "experiments"
     shutil.copytree(experiments / "baseline", partial / "baseline")
     shutil.copytree(experiments / "ksweep", partial / "ksweep")
-    written = report.render(partial, tmp_path / "reports", PARAMS)
+    written = render(partial, tmp_path / "reports", settings)
     text = (tmp_path / "reports" / "report.md").read_text()
     for heading in ("Acceptance policies", "Drafters", "K controllers", "Perplexity", "GPU"):
         section = text.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
@@ -361,20 +386,22 @@ def test_main_renders_from_cwd(
     shutil.copytree(experiments / "baseline", tmp_path / "experiments" / "baseline")
     (tmp_path / "params.yaml").write_text(json.dumps(PARAMS))  # JSON is YAML
     monkeypatch.chdir(tmp_path)
-    report.main()
+    main()
     assert (tmp_path / "reports" / "tables" / "baseline.md").is_file()
 
 
-def test_empty_experiments_render(tmp_path: Path) -> None:
-    report.render(tmp_path / "experiments", tmp_path / "reports", PARAMS)
+def test_empty_experiments_render(settings: ReportSettings, tmp_path: Path) -> None:
+    render(tmp_path / "experiments", tmp_path / "reports", settings)
     text = (tmp_path / "reports" / "report.md").read_text()
     assert text.count("_No data:") == len(HEADINGS) - 1  # every section but the methods
 
 
-def test_rerender_removes_stale_files(experiments: Path, tmp_path: Path) -> None:
+def test_rerender_removes_stale_files(
+    experiments: Path, settings: ReportSettings, tmp_path: Path
+) -> None:
     reports = tmp_path / "reports"
-    report.render(experiments, reports, PARAMS)
-    report.render(tmp_path / "nothing", reports, PARAMS)
+    render(experiments, reports, settings)
+    render(tmp_path / "nothing", reports, settings)
     assert not (reports / "tables").exists() and not (reports / "figures").exists()
 
 
@@ -387,25 +414,27 @@ def test_rerender_removes_stale_files(experiments: Path, tmp_path: Path) -> None
     ],
 )
 def test_malformed_metrics_raise_with_path(
-    experiments: Path, tmp_path: Path, content: str, message: str
+    experiments: Path, settings: ReportSettings, tmp_path: Path, content: str, message: str
 ) -> None:
     broken = tmp_path / "experiments"
     shutil.copytree(experiments, broken)
     path = broken / "ksweep" / "k2" / "metrics.json"
     path.write_text(content)
-    with pytest.raises(report.ReportError, match=message) as err:
-        report.render(broken, tmp_path / "reports", PARAMS)
+    with pytest.raises(ReportError, match=message) as err:
+        render(broken, tmp_path / "reports", settings)
     assert str(path) in str(err.value)
     assert not (tmp_path / "reports").exists()  # nothing written before the failure
 
 
-def test_malformed_steps_raise_with_path(experiments: Path, tmp_path: Path) -> None:
+def test_malformed_steps_raise_with_path(
+    experiments: Path, settings: ReportSettings, tmp_path: Path
+) -> None:
     broken = tmp_path / "experiments"
     shutil.copytree(experiments / "baseline", broken / "baseline")
     steps = broken / "baseline" / "target" / "steps.csv"
     pd.read_csv(steps).drop(columns=["step_ms"]).to_csv(steps, index=False)
-    with pytest.raises(report.ReportError, match="step_ms") as err:
-        report.render(broken, tmp_path / "reports", PARAMS)
+    with pytest.raises(ReportError, match="step_ms") as err:
+        render(broken, tmp_path / "reports", settings)
     assert str(steps) in str(err.value)
 
 
@@ -418,7 +447,7 @@ def test_lossless_table_lists_differences() -> None:
             "logit_margin": [None, 0.0123, None],
         }
     )
-    table = report.lossless_table({"ksweep/k4": check})
+    table = lossless_table({"ksweep/k4": check})
     assert table.shown.iloc[0]["identical / total"] == "2/3"
     assert table.shown.iloc[0]["differing prompts: first diff"] == "2 at token 5 (margin 0.012)"
     assert table.data.iloc[0]["identical"] == 2
@@ -426,14 +455,14 @@ def test_lossless_table_lists_differences() -> None:
 
 def test_acceptance_by_position_is_conditional() -> None:
     steps = pd.DataFrame({"repetition": 0, "proposed": [2, 2, 1], "accepted": [2, 0, 1]})
-    out = summary.acceptance_by_position(steps).set_index("position")
+    out = stats.acceptance_by_position(steps).set_index("position")
     assert out.loc[1, "acceptance"] == pytest.approx(2 / 3)  # steps 1 and 3 kept position 1
     assert out.loc[2, "acceptance"] == pytest.approx(1 / 2)  # of the two that offered 2
 
 
 def test_number_formats() -> None:
-    assert report.fmt_ci(1.2345, 1.1, 1.37) == "1.23 [1.10, 1.37]"
-    assert [report.fmt(v) for v in (1234.5, 45.67, 0.456, 0.0123, None, True, 3)] == [
+    assert tables.fmt_ci(1.2345, 1.1, 1.37) == "1.23 [1.10, 1.37]"
+    assert [tables.fmt(v) for v in (1234.5, 45.67, 0.456, 0.0123, None, True, 3)] == [
         "1234",
         "45.7",
         "0.46",
@@ -442,3 +471,36 @@ def test_number_formats() -> None:
         "yes",
         "3",
     ]
+
+
+def test_step_breakdown_by_hand() -> None:
+    steps = pd.DataFrame(
+        {"draft_ms": [1.0, 3.0], "verify_ms": [2.0, 2.0], "accept_ms": [0.5, 0.5],
+         "step_ms": [4.0, 7.0]}
+    )  # fmt: skip
+    assert stats.step_breakdown(steps) == pytest.approx(
+        {"draft_ms": 2.0, "verify_ms": 2.0, "accept_ms": 0.5, "bookkeeping_ms": 1.0, "step_ms": 5.5}
+    )
+
+
+def test_lossless_policies_match_the_registry() -> None:
+    # The report keeps its own copy to stay torch-free: a new lossless policy must land there too.
+    assert {n for n, spec in POLICIES.items() if spec.lossless} == load.LOSSLESS_POLICIES
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda p: p["report"].pop("bootstrap_samples"), "missing key 'report.bootstrap_samples'"),
+        (lambda p: p.pop("models"), "missing key 'models.draft'"),
+        (lambda p: p.update(seed="zero"), "seed must be an integer, got 'zero'"),
+    ],
+)
+def test_bad_params_name_the_key(tmp_path: Path, edit: Any, message: str) -> None:
+    params = copy.deepcopy(PARAMS)
+    edit(params)
+    path = tmp_path / "params.yaml"
+    path.write_text(json.dumps(params))
+    with pytest.raises(ReportError, match=message) as err:
+        read_settings(path)
+    assert str(path) in str(err.value)

@@ -17,13 +17,14 @@ from lab.engine import loop
 from lab.engine.model import LoadedModel
 from lab.engine.sampling import SamplingParams
 from lab.method import Method
-from lab.serve import http, server
+from lab.serve import server
+from lab.serve.client import Client, ClientConfig, Completion, Request
 
 
 @contextmanager
-def running(engine: server.Engine, max_tokens: int = 2000) -> Iterator[str]:
-    """Serve the engine on a free loopback port in a thread; yields the base URL."""
-    app = server.create_app(engine, server.Settings("tiny", max_tokens))
+def running(worker: server.Worker, max_tokens: int = 2000) -> Iterator[str]:
+    """Serve the worker on a free loopback port in a thread; yields the base URL."""
+    app = server.create_app(worker, server.APIConfig("tiny", max_tokens))
     sock = server.bind("127.0.0.1", 0)
     uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
     thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -39,14 +40,14 @@ def running(engine: server.Engine, max_tokens: int = 2000) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def url(qwen2: LoadedModel) -> Iterator[str]:
-    with running(server.Engine(qwen2, None, Method(), max_queue=2)) as base:
+    with running(server.Worker(qwen2, None, Method(), max_queue=2)) as base:
         yield base
 
 
-def stream(url: str, prompt: str, max_tokens: int) -> http.Completion:
-    async def go() -> http.Completion:
-        async with http.Client(http.ClientConfig(url, timeout_s=20)) as client:
-            return await client.complete(http.Request(prompt, chat=False, max_tokens=max_tokens))
+def stream(url: str, prompt: str, max_tokens: int) -> Completion:
+    async def go() -> Completion:
+        async with Client(ClientConfig(url, timeout_s=20)) as client:
+            return await client.complete(Request(prompt, chat=False, max_tokens=max_tokens))
 
     return asyncio.run(go())
 
@@ -59,15 +60,15 @@ def test_text_stream_holds_back_split_characters(qwen2: LoadedModel) -> None:
     assert text.finish() == ""
 
 
-def test_engine_refuses_past_its_queue(qwen2: LoadedModel) -> None:
-    engine = server.Engine(qwen2, None, Method(), max_queue=1)  # worker not started: jobs wait
+def test_worker_refuses_past_its_queue(qwen2: LoadedModel) -> None:
+    worker = server.Worker(qwen2, None, Method(), max_queue=1)  # thread not started: jobs wait
     loop = asyncio.new_event_loop()
     try:
         job = server.Job([1, 2], 4, SamplingParams(), 0, loop)
-        engine.submit(job)
-        engine.submit(job)
+        worker.submit(job)
+        worker.submit(job)
         with pytest.raises(server.QueueFull, match="2 requests running or waiting"):
-            engine.submit(job)
+            worker.submit(job)
     finally:
         loop.close()
 
@@ -117,8 +118,8 @@ def test_client_that_leaves_stops_its_generation(url: str) -> None:
 
 def test_speculative_server_streams_several_tokens_per_chunk(qwen2: LoadedModel) -> None:
     # The target drafting for itself accepts every draft: each step emits K+1 = 4 tokens.
-    engine = server.Engine(qwen2, qwen2, Method("draft_model", "exact", 3), max_queue=0)
-    with running(engine) as base:
+    worker = server.Worker(qwen2, qwen2, Method("draft_model", "exact", 3), max_queue=0)
+    with running(worker) as base:
         done = stream(base, "def fibonacci(n):", 40)
     ids = qwen2.tokenizer("def fibonacci(n):")["input_ids"]
     assert done.text == loop.generate(qwen2, ids, 40).text  # lossless

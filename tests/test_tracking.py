@@ -115,14 +115,19 @@ def test_dvc_experiment_env_defines_the_session(
 
 
 def test_step_prompt_and_summary_metrics(client: MlflowClient, tmp_path: Path) -> None:
-    per_prompt = [[{"step": s, "draft_ms": 1.5, "accepted": s % 4} for s in range(500)]] * 5
+    # 5 prompts x 500 steps, numbered across prompts as the stage numbers them.
+    rows = [
+        {"global_step": i, "prompt_index": i // 500, "step": i % 500, "draft_ms": 1.5,
+         "accepted": i % 4}
+        for i in range(2500)
+    ]  # fmt: skip
     figure = tmp_path / "figure.png"
     figure.write_bytes(b"png")
     (tmp_path / "tables").mkdir()
     (tmp_path / "tables" / "t.md").write_text("| a |\n")
     start = time.perf_counter()
     with tracking.stage_run("spec_k", "k4", {}) as run:
-        run.log_steps(tracking.global_step_rows(per_prompt))
+        run.log_steps(rows, step_key="global_step")
         run.log_prompt_metrics([{"tokens_per_s": 10.0, "stop_reason": "eos", "x": None}] * 3)
         run.log_metrics({"speedup": 1.8, "lossless": True, "note": "text", "missing": None})
         run.log_artifacts([figure, tmp_path / "tables"], artifact_path="report")
@@ -136,7 +141,8 @@ def test_step_prompt_and_summary_metrics(client: MlflowClient, tmp_path: Path) -
         m.step: m.value for m in client.get_metric_history(run.run_id, "step.prompt_index")
     }
     assert prompt_index[0] == 0 and prompt_index[2499] == 4
-    assert len(client.get_metric_history(run.run_id, "step.prompt_step")) == 2500
+    prompt_step = {m.step: m.value for m in client.get_metric_history(run.run_id, "step.step")}
+    assert prompt_step[499] == 499 and prompt_step[500] == 0
     assert [m.step for m in client.get_metric_history(run.run_id, "prompt.tokens_per_s")] == [
         0,
         1,

@@ -84,14 +84,16 @@ def replay_rate(engine: StaticEngine, prompt_ids: list[int], n: int) -> float:
     The host never waits for a token, so it queues step t+1 while the GPU runs step t: this is
     the rate the compiled step reaches when the loop's per-step host work is hidden.
     """
-    token = engine.start(prompt_ids)[-1:].argmax(-1)[None]  # (1, 1)
+    logits, _ = engine.start(prompt_ids)  # (1, V)
+    token = logits.argmax(-1)[None]  # (1, 1)
     for _ in range(3):  # make sure the size-1 graph is recorded
         engine.forward(token, 1)
     engine.rollback(len(prompt_ids))
     _sync(engine.lm.device)
     start = time.perf_counter()
     for _ in range(n):
-        token = engine.forward(token, 1).argmax(-1)[None]  # (1, V) -> (1, 1)
+        logits, _ = engine.forward(token, 1)  # (1, V)
+        token = logits.argmax(-1)[None]  # (1, 1)
     _sync(engine.lm.device)
     return n / (time.perf_counter() - start)
 

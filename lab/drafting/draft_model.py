@@ -1,4 +1,4 @@
-"""lab.drafting.draft_model (split from lab/drafters.py)."""
+"""Draft mode "draft_model": a smaller causal LM drafting autoregressively on its own cache."""
 
 from __future__ import annotations
 

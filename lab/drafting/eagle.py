@@ -1,4 +1,4 @@
-"""lab.drafting.eagle (split from lab/drafters.py)."""
+"""Draft mode "eagle": one decoder layer over (feature, next token), drafting autoregressively."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""lab.drafting.features (split from lab/drafters.py)."""
+"""The target's hidden states as the feature drafters (Medusa, EAGLE) see them."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -246,76 +246,31 @@ def load(folder: str | Path, target: LoadedModel, kind: str | None = None) -> He
 
 @dataclass(frozen=True)
 class MedusaSettings:
-    """Medusa training: heads, draft vocabulary and optimiser settings."""
+    """Medusa training: heads, draft vocabulary, optimiser (defaults: lab.pipeline.params)."""
 
-    num_heads: int = 4
-    draft_vocab: int = 8192
-    epochs: int = 4
-    batch_size: int = 64  # positions per step
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    loss_decay: float = 0.8  # loss weight of head i is loss_decay**i (Medusa's lambda)
+    num_heads: int
+    draft_vocab: int
+    epochs: int
+    batch_size: int  # positions per step
+    lr: float
+    weight_decay: float
+    loss_decay: float  # loss weight of head i is loss_decay**i (Medusa's lambda)
 
 
 @dataclass(frozen=True)
 class EagleSettings:
-    """EAGLE training: layer width, draft vocabulary and optimiser settings."""
+    """EAGLE training: layer width, draft vocabulary, optimiser (defaults: lab.pipeline.params)."""
 
-    intermediate_size: int | None = None  # MLP width of the draft layer; None: the target's
-    draft_vocab: int = 8192
-    epochs: int = 4
-    batch_size: int = 1  # sequences per step: with little data, more steps beat bigger batches
-    lr: float = 5e-4
-    weight_decay: float = 0.0
-    # Weight of the token loss beside the feature regression: EAGLE used 0.1; with a few
-    # thousand positions 1.0 gave a better held-out top-1 (0.21 vs 0.19 for a 0.5B target).
-    cls_weight: float = 1.0
+    intermediate_size: int | None  # MLP width of the draft layer; None: the target's
+    draft_vocab: int
+    epochs: int
+    batch_size: int  # sequences per step
+    lr: float
+    weight_decay: float
+    cls_weight: float  # weight of the token loss beside the feature regression
 
 
 Settings = MedusaSettings | EagleSettings
-_SETTINGS: dict[str, type[MedusaSettings] | type[EagleSettings]] = {
-    "medusa": MedusaSettings,
-    "eagle": EagleSettings,
-}
-
-
-def make_settings(kind: str, **params: Any) -> Settings:
-    """Training settings of a head kind from params; unknown keys and bad values raise."""
-    if kind not in _SETTINGS:
-        raise ValueError(f"unknown head kind {kind!r}: use one of {', '.join(KINDS)}")
-    cls = _SETTINGS[kind]
-    names = [f.name for f in fields(cls)]
-    unknown = sorted(set(params) - set(names))
-    if unknown:
-        raise ValueError(f"{kind} heads have no setting {', '.join(unknown)}; they take "
-                         f"{', '.join(names)}")  # fmt: skip
-    for key, value in params.items():
-        check, allowed = _SETTING_CHECKS[key]
-        if not check(value):
-            raise ValueError(f"{kind} setting {key} must be {allowed}, got {value!r}")
-    return cls(**params)
-
-
-def _int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-_COUNT = (lambda v: _int(v) and v >= 1, "an integer >= 1")
-_SETTING_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "num_heads": _COUNT,
-    "draft_vocab": _COUNT,
-    "epochs": _COUNT,
-    "batch_size": _COUNT,
-    "intermediate_size": (lambda v: v is None or _int(v) and v >= 1, "null or an integer >= 1"),
-    "lr": (lambda v: _number(v) and v > 0, "a number > 0"),
-    "weight_decay": (lambda v: _number(v) and v >= 0, "a number >= 0"),
-    "loss_decay": (lambda v: _number(v) and v > 0, "a number > 0"),
-    "cls_weight": (lambda v: _number(v) and v >= 0, "a number >= 0"),
-}
 
 
 # --- training ----------------------------------------------------------------------------------
@@ -609,7 +564,3 @@ class _EagleTask(_Task):
     def positions(self, data: Distilled) -> int:
         return sum(len(t) - 2 for t in data.tokens)
 
-
-def settings_dict(settings: Settings) -> dict[str, Any]:
-    """Settings as a plain dict (for config.json and MLflow)."""
-    return asdict(settings)

@@ -1,4 +1,4 @@
-"""lab.drafting.medusa (split from lab/drafters.py)."""
+"""Draft mode "medusa": K heads on the target's last hidden state, one token each."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""lab.drafting.prompt_lookup (split from lab/drafters.py)."""
+"""Draft mode "prompt_lookup": copy what followed an earlier match of the last n-gram."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""lab.drafting.registry (split from lab/drafters.py)."""
+"""The draft modes by name, and each one's settings with their defaults."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""lab.engine.drafter (split from lab/drafters.py)."""
+"""What the loop asks of a drafter: a proposal of draft tokens, and the Drafter protocol."""
 
 from __future__ import annotations
 

@@ -124,7 +124,8 @@ def _step(engine: Engine, session: Session, speculation: Speculation | None) -> 
         speculation.controller.update(proposed, verdict.accepted)
     session.record(
         k=k_chosen, proposed=proposed, accepted=verdict.accepted, emitted=emitted,
-        draft_ms=verify_start - step_start, verify_ms=verify_end - verify_start,
+        draft_ms=verify_start - step_start if speculation else 0.0,
+        verify_ms=verify_end - verify_start,
         accept_ms=accept_end - verify_end, step_ms=clock.now() - step_start,
     )  # fmt: skip
 

@@ -21,65 +21,45 @@ EXPERIMENTS = Path("experiments")
 BASELINE = EXPERIMENTS / "baseline" / "target"
 
 
-def run_config(params: dict[str, Any], method: Method) -> dict[str, Any]:
+def run_config(params: P.Params, method: Method) -> dict[str, Any]:
     """Everything that decides what a generation run produces; equal configs are reused."""
-    return {
-        "method": asdict(method),
-        "target": P.model_name(params, "target"),
-        "draft": P.model_name(params, "draft") if method.drafter == "draft_model" else None,
-        "device": params["models"].get("device"),
-        "dtype": params["models"].get("dtype"),
-        "prompts": params["prompts"],
-        "generation": params["generation"],
-        "seed": params["seed"],
-        "repetitions": params["run"]["repetitions"],
-        "warmup": params["run"]["warmup"],
-        # The profiler slows every step: profiled timings are another configuration's. Only
-        # present when on, so unprofiled configs (and the reuse of their runs) stay as they were.
-        **({"profile": True} if P.profile(params) else {}),
-    }
-
-
-def load_params() -> dict[str, Any]:
-    """params.yaml, fully validated: bad values fail here, before any model loads."""
-    params = P.load()
-    P.validate(params)
-    return params
+    draft = params.models.draft if method.drafter == "draft_model" else None
+    return {"method": asdict(method), "draft": draft, **params.run_settings()}
 
 
 def _generate(
-    params: dict[str, Any], method: Method, desc: str, profile_dir: Path | None
+    params: P.Params, method: Method, desc: str, profile_dir: Path | None
 ) -> list[dict[str, Any]]:
     """Load the models a method needs and run it over the prompt suite (profiled into a dir)."""
-    load = {"device": params["models"].get("device"), "dtype": params["models"].get("dtype")}
-    target = models.load(P.model_name(params, "target"), **load)
+    target = models.load(params.models.target, **params.models.placement())
     draft: DraftSource = None
     if method.drafter == "draft_model":
-        models.check_pair(target.name, P.model_name(params, "draft"))
-        draft = models.load(P.model_name(params, "draft"), **load)
+        models.check_pair(target.name, params.models.draft)
+        draft = models.load(params.models.draft, **params.models.placement())
     elif method.drafter in heads.KINDS:
         draft = heads.load(method.drafter_params["heads"], target, kind=method.drafter)
+    gen, run = params.generation, params.run
     return suite.run(
-        method, target, draft, P.prompts(params), params["generation"]["max_new_tokens"],
-        P.sampling(params), params["seed"], params["run"]["repetitions"], params["run"]["warmup"],
-        desc=desc, profile_dir=profile_dir,
+        method, target, draft, params.prompts.suite(), gen.max_new_tokens, gen.sampling(),
+        params.seed, run.repetitions, run.warmup, desc=desc, profile_dir=profile_dir,
     )  # fmt: skip
 
 
 def _lossless(
-    params: dict[str, Any], method: Method, rows: pd.DataFrame, base: store.Item | None
+    params: P.Params, method: Method, rows: pd.DataFrame, base: store.Item | None
 ) -> pd.DataFrame | None:
     """Per-prompt identity with the baseline, for lossless methods under greedy decoding."""
-    if base is None or not get_policy(method.policy).lossless or not P.sampling(params).greedy:
+    greedy = params.generation.sampling().greedy
+    if base is None or not get_policy(method.policy).lossless or not greedy:
         return None
-    load = {"device": params["models"].get("device"), "dtype": params["models"].get("dtype")}
-    target = models.load(P.model_name(params, "target"), **load)
+    target = models.load(params.models.target, **params.models.placement())
     return suite.lossless_check(target, rows, base.rows)
 
 
-def run(stage: str, item: str, method: Method, reuse_from: tuple[str, ...] = ()) -> Path:
+def run(
+    params: P.Params, stage: str, item: str, method: Method, reuse_from: tuple[str, ...] = ()
+) -> Path:
     """Run one stage item (or copy an identical earlier one) and mirror it to MLflow."""
-    params = load_params()
     config = {"stage": stage, "item": item, "run": run_config(params, method)}
     out = EXPERIMENTS / stage / item
     base = None if method.baseline else store.read_item(BASELINE)
@@ -93,14 +73,14 @@ def run(stage: str, item: str, method: Method, reuse_from: tuple[str, ...] = ())
             if (same / store.LOSSLESS).exists():
                 lossless = pd.read_csv(same / store.LOSSLESS)
         else:
-            profile_dir = _profile_dir(out) if P.profile(params) else None
+            profile_dir = _profile_dir(out) if params.profile else None
             rows = _generate(params, method, f"{stage}/{item}", profile_dir)
         frame = pd.DataFrame(rows)
         frame["question_id"] = frame["question_id"].astype(str)
         steps = pd.DataFrame([{"question_id": str(r["question_id"]), "repetition": r["repetition"],
                                **s} for r in rows for s in r["steps"]])  # fmt: skip
         metrics = summarize(frame, steps, base.rows if base else None,
-                            base.steps if base else None, params["seed"])  # fmt: skip
+                            base.steps if base else None, params.seed)  # fmt: skip
         if same is None:
             lossless = _lossless(params, method, frame, base)
         if profile_dir is not None:

@@ -1,4 +1,4 @@
-"""lab.pipeline.store (split from lab/experiment.py)."""
+"""The files of one stage item, experiments/<stage>/<item>/: write atomically, read back, find."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from lab.engine.records import STEP_COLUMNS
 
 # Files of one stage item, experiments/<stage>/<item>/:
 CONFIG = "config.json"  # the resolved configuration (method, models, prompts, generation)
@@ -48,12 +50,7 @@ def write_item(
     with open(tmp / PROMPTS, "w") as f:
         for row in rows:
             f.write(json.dumps({k: v for k, v in row.items() if k != "steps"}) + "\n")
-    steps = [
-        {"question_id": r["question_id"], "repetition": r["repetition"], **s}
-        for r in rows
-        for s in r["steps"]
-    ]
-    pd.DataFrame(steps, columns=_STEP_COLUMNS).to_csv(tmp / STEPS, index=False)
+    step_frame(rows).to_csv(tmp / STEPS, index=False)
     (tmp / METRICS).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     # Always written (empty when not applicable) so DVC can declare it for every item.
     if lossless is None:
@@ -62,8 +59,14 @@ def write_item(
     _replace_dir(tmp, out_dir)
 
 
-_STEP_COLUMNS = ["question_id", "repetition", "step", "k", "proposed", "accepted", "emitted",
-                 "draft_ms", "verify_ms", "step_ms", "rss_mb", "accept_ms"]  # fmt: skip
+def step_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per step of every generation in rows (steps nested per row), in STEP_COLUMNS."""
+    steps = [
+        {"question_id": str(r["question_id"]), "repetition": r["repetition"], **s}
+        for r in rows
+        for s in r["steps"]
+    ]
+    return pd.DataFrame(steps, columns=list(STEP_COLUMNS))
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""lab.pipeline.suite (split from lab/experiment.py)."""
+"""Run one method over a prompt suite (warm-up, repetitions, profiling) and check it is lossless."""
 
 from __future__ import annotations
 

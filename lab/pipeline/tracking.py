@@ -86,22 +86,6 @@ def param_value(value: Any) -> str:
     return text[: PARAM_VALUE_MAX - len(note)] + note
 
 
-def global_step_rows(
-    per_prompt: Iterable[Iterable[Mapping[str, Any]]],
-) -> Iterator[dict[str, Any]]:
-    """Per-prompt step rows renumbered with one counter across prompts, plus prompt_index."""
-    step = 0
-    for prompt_index, rows in enumerate(per_prompt):
-        for row in rows:
-            yield {
-                **row,
-                "prompt_step": row.get("step"),
-                "step": step,
-                "prompt_index": prompt_index,
-            }
-            step += 1
-
-
 @dataclass
 class StageRun:
     """A live child run; metrics are buffered and sent with log_batch."""

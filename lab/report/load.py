@@ -1,5 +1,4 @@
-"""Reading experiments/ and params.yaml into what the report needs, checked so bad files name
-themselves."""
+"""experiments/ and params.yaml read into what the report needs; a bad file names itself."""
 
 from __future__ import annotations
 
@@ -143,7 +142,7 @@ def _check_metrics(path: Path, metrics: Any, speculative: bool) -> None:
         raise ReportError(f"{path}: metric 'speedup' is null for a speculative configuration")
 
 
-def read(path: Path) -> Item:
+def _read_item(path: Path) -> Item:
     """One item via store.read_item, checked so that a malformed file names itself."""
     config = _read_json(path / store.CONFIG)
     if not isinstance(config, dict) or not isinstance(config.get("run"), dict):
@@ -194,7 +193,7 @@ def load_results(experiments: Path) -> Results:
         if folder.is_dir():
             # Dot-folders are write_item's temporaries and leftovers, never results.
             paths = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-            items[stage] = sorted((read(p) for p in paths), key=_order)
+            items[stage] = sorted((_read_item(p) for p in paths), key=_order)
     models_path = experiments / "prepare" / "models.json"
     models = _read_json(models_path) if models_path.exists() else None
     if models is not None and not isinstance(models, dict):

@@ -149,7 +149,8 @@ def breakdown_section(results: Results) -> Section:
     section.tables.append(make_table("step_breakdown", caption, data))
     section.tables.append(make_table("memory", "Peak memory per stage", memory_by_stage(data)))
     # store.write_item moves a profile folder in only when the run was profiled.
-    profiled = [f"`{i.path / store.PROFILE}`" for i in results.runs if (i.path / store.PROFILE).is_dir()]
+    profiles = [i.path / store.PROFILE for i in results.runs]
+    profiled = [f"`{p}`" for p in profiles if p.is_dir()]
     if profiled:
         section.text.append(
             "Profiled with torch.profiler (timings include its overhead; Chrome traces, top "

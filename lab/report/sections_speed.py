@@ -1,4 +1,4 @@
-"""The speed sections: baseline, K sweep, policies, drafters, controllers, prediction, categories."""
+"""The speed sections: baseline, K sweep, policies, drafters, controllers, predicted, category."""
 
 from __future__ import annotations
 

@@ -8,9 +8,8 @@ from lab.pipeline import params as P
 
 ROOT = Path(__file__).resolve().parents[2]  # the workspace root (also under dvc exp --temp)
 
-root = P.load(ROOT / "params.yaml")  # run_stage validates the keys it reads
-section = P.load(Path(__file__).with_name("params.yaml")).get("loadtest")
-if not isinstance(section, dict):
-    raise P.ParamsError("pipelines/http/params.yaml: missing mapping 'loadtest'")
+root = P.load(ROOT / "params.yaml")
+section = P.load_loadtest(Path(__file__).with_name("params.yaml"))
 concurrency = int(sys.argv[1])
-loadtest.run_stage(concurrency, ROOT / "experiments" / "loadtest" / f"c{concurrency}", section, root)
+out = ROOT / "experiments" / "loadtest" / f"c{concurrency}"
+loadtest.run_stage(concurrency, out, section, root)
