@@ -27,7 +27,7 @@ def data(qwen2: LoadedModel) -> distill.Distilled:
 @pytest.fixture(scope="module")
 def trained(qwen2: LoadedModel, data: distill.Distilled) -> dict[str, heads.Trained]:
     train, heldout = data.split(0.25)
-    settings = {
+    settings: dict[str, heads.Settings] = {
         "medusa": MedusaTraining(num_heads=3, epochs=4, batch_size=32, lr=3e-3).settings(),
         "eagle": EagleTraining(intermediate_size=64, epochs=4, batch_size=2).settings(),
     }

@@ -563,4 +563,3 @@ class _EagleTask(_Task):
 
     def positions(self, data: Distilled) -> int:
         return sum(len(t) - 2 for t in data.tokens)
-

@@ -35,7 +35,7 @@ def serve_command(section: P.Loadtest, root: P.Params) -> tuple[list[str], str]:
     target, serve = root.models.target, section.serve
     args = ["--target", target, "--max-new-tokens", str(root.generation.max_new_tokens),
             "--max-queue", str(serve.max_queue)]  # fmt: skip
-    for key, value in root.models.placement().items():
+    for key, value in (("device", root.models.device), ("dtype", root.models.dtype)):
         if value:
             args += [f"--{key}", value]
     label = f"lab serve {target}"

@@ -85,7 +85,7 @@ def _dtype(name: str) -> None:
 
 
 # Strict mode (the models' config) already refuses a bool where a number is wanted.
-PositiveInt = Annotated[int, Field(ge=0), _allowed("an integer >= 1")]
+PositiveInt = Annotated[int, Field(gt=0), _allowed("an integer >= 1")]
 Count = Annotated[int, Field(ge=0), _allowed("an integer >= 0")]
 PositiveNumber = Annotated[float, Field(gt=0), _allowed("a number > 0")]
 NonNegative = Annotated[float, Field(ge=0), _allowed("a number >= 0")]

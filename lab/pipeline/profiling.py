@@ -68,4 +68,3 @@ def result_steps(result: PromptResult) -> pd.DataFrame:
     """One generation's step records as a frame (one row per step)."""
     columns = list(StepRecord.__dataclass_fields__)
     return pd.DataFrame([asdict(s) for s in result.steps], columns=columns)
-
