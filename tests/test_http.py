@@ -29,6 +29,8 @@ from lab.pipeline import params as P
 from lab.pipeline.params import ParamsError
 from lab.prompts import Prompt, load_suite
 from lab.report.http import http_frame
+from lab.report.load import load_results
+from lab.report.sections import http_section
 from lab.serve import server
 from lab.serve.client import (
     BadStatus,
@@ -175,6 +177,10 @@ def test_loadtest_command_writes_records(
     assert (out / "errors.jsonl").read_text() == ""
     (frame,) = http_frame(tmp_path).to_dict("records")
     assert frame["server"] == served.url and frame["completed"] == 4 and frame["concurrency"] == 2
+    # The report shows the run in its HTTP section (and says so when there is none).
+    section = http_section(load_results(tmp_path))
+    assert section.tables[0].shown["completed"].tolist() == ["4"]
+    assert "_No data" in http_section(load_results(tmp_path / "none")).text[0]
 
 
 LOADTEST = {"server": "lab", "serve": {"draft": None}, "endpoint": "chat", "stream": True,

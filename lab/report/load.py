@@ -13,6 +13,7 @@ import yaml
 from lab.engine.records import STEP_COLUMNS
 from lab.pipeline import store
 from lab.pipeline.store import Item
+from lab.report.http import http_frame
 
 # Stages whose items are decoding runs, in report order.
 STAGES = ("baseline", "ksweep", "policies", "drafters", "adaptive")
@@ -95,6 +96,7 @@ class Results:
     outputs_ppl: pd.DataFrame | None  # perplexity/outputs.csv
     corpus_ppl: pd.DataFrame | None  # perplexity/corpus.csv
     gpu: pd.DataFrame | None  # gpu/*.json, one row per file
+    http: pd.DataFrame  # loadtest/<item>/, one row per load run (pipelines/http); may be empty
 
     @property
     def baseline(self) -> Item | None:
@@ -204,6 +206,7 @@ def load_results(experiments: Path) -> Results:
         outputs_ppl=read_csv(experiments / "perplexity" / "outputs.csv", OUTPUTS_COLUMNS),
         corpus_ppl=read_csv(experiments / "perplexity" / "corpus.csv", CORPUS_COLUMNS),
         gpu=_gpu(experiments / "gpu"),
+        http=http_frame(experiments),
     )
 
 

@@ -2,8 +2,8 @@
 
 DVC's default page loads the three bundles from a CDN. The versions pinned here are the ones
 dvc-render 1.0's default page asks for (dvc_render/vega.py), so DVC's specs render the same.
-Run `python -m lab.report.plots_template` (or `make plots-template`) to rebuild the committed template
-from the npm registry; each tarball is checked against the registry's sha512 integrity.
+Run `python -m lab.report.plots_template` (or `make plots-template`) to rebuild the committed
+template from the npm registry; each tarball is checked against the registry's sha512 integrity.
 """
 
 from __future__ import annotations

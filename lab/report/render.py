@@ -11,6 +11,7 @@ from lab.report.sections import (
     Section,
     breakdown_section,
     gpu_section,
+    http_section,
     latency_section,
     lossless_section,
     perplexity_section,
@@ -46,6 +47,7 @@ def sections(results: Results, settings: ReportSettings) -> list[Section]:
         breakdown_section(results),
         position_section(results),
         gpu_section(results),
+        http_section(results),
     ]
 
 

@@ -1,4 +1,4 @@
-"""Section, the unit of the report, and the sections on output quality, step time and the GPU."""
+"""Section, the unit of the report, and the sections on quality, step time, GPU and HTTP."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from lab import stats
 from lab.pipeline import store
 from lab.report.figures import latency_figure, position_figure
 from lab.report.frames import acceptance_positions, perplexity_by_item
+from lab.report.http import NOTE, SECTION_COLUMNS
 from lab.report.load import (
     CORPUS_COLUMNS,
     LOSSLESS_COLUMNS,
@@ -188,4 +189,16 @@ def gpu_section(results: Results) -> Section:
         section.text.append(no_data("experiments/gpu/ has no results"))
         return section
     section.tables.append(make_table("gpu", "GPU measurements", results.gpu))
+    return section
+
+
+def http_section(results: Results) -> Section:
+    """The HTTP load runs of pipelines/http (experiments/loadtest/), one row per run."""
+    section = Section("Serving over HTTP")
+    if results.http.empty:
+        section.text.append(no_data("experiments/loadtest/ has no runs (pipelines/http)"))
+        return section
+    section.text.append(NOTE)
+    shown = results.http.rename(columns=SECTION_COLUMNS)
+    section.tables.append(make_table("http", "HTTP load runs", shown))
     return section
