@@ -30,6 +30,7 @@ from lab.engine.policies import POLICIES, make_policy
 from lab.engine.sampling import SamplingParams
 from lab.pipeline.perplexity import check_window
 from lab.prompts import BUILTIN_TRAIN, Prompt, load_suite
+from lab.report.load import ReportSettings
 
 
 class ParamsError(ValueError):
@@ -365,6 +366,16 @@ class Params(Section):
             # present when on, so unprofiled configs (and reusing their runs) stay as they were.
             **({"profile": True} if self.profile else {}),
         }
+
+    def report_settings(self) -> ReportSettings:
+        """What the (torch-free) report needs of params."""
+        return ReportSettings(
+            seed=self.seed,
+            bootstrap_samples=self.report.bootstrap_samples,
+            draft=self.models.draft,
+            scorer=self.models.scorer,
+            planned=self.run_settings(),
+        )
 
 
 # --- pipelines/http/params.yaml ------------------------------------------------------------------

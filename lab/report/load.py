@@ -1,4 +1,4 @@
-"""experiments/ and params.yaml read into what the report needs; a bad file names itself."""
+"""experiments/ read into what the report needs; a bad file names itself."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 
 from lab.engine.records import STEP_COLUMNS
 from lab.pipeline import store
@@ -36,7 +35,7 @@ CORPUS_COLUMNS = ("model", "role", "tokens", "perplexity")
 
 
 class ReportError(ValueError):
-    """A file under experiments/ (or params.yaml) malformed or missing what the report needs."""
+    """A file under experiments/ malformed or missing what the report needs."""
 
 
 @dataclass(frozen=True)
@@ -48,43 +47,6 @@ class ReportSettings:
     draft: str  # models.draft: named when no item records a draft model
     scorer: str  # models.scorer: the perplexity stage's scorer
     planned: dict[str, Any]  # the run settings asked for, in config.json's run shape
-
-
-def read_settings(path: Path) -> ReportSettings:
-    """params.yaml's keys the report reads; a missing key or a non-integer count names itself."""
-    # The only place the report reads params: switch to the typed params model here.
-    params = yaml.safe_load(path.read_text())
-
-    def get(key: str) -> Any:
-        node: Any = params
-        for part in key.split("."):
-            if not isinstance(node, dict) or part not in node:
-                raise ReportError(f"{path}: missing key {key!r}")
-            node = node[part]
-        return node
-
-    def count(key: str) -> int:
-        value = get(key)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ReportError(f"{path}: {key} must be an integer, got {value!r}")
-        return value
-
-    return ReportSettings(
-        seed=count("seed"),
-        bootstrap_samples=count("report.bootstrap_samples"),
-        draft=str(get("models.draft")),
-        scorer=str(get("models.scorer")),
-        planned={
-            "target": get("models.target"),
-            "device": get("models").get("device"),
-            "dtype": get("models").get("dtype"),
-            "prompts": get("prompts"),
-            "generation": get("generation"),
-            "seed": count("seed"),
-            "repetitions": count("run.repetitions"),
-            "warmup": count("run.warmup"),
-        },
-    )
 
 
 @dataclass

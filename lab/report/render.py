@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from lab.report.load import ReportSettings, Results, load_results, read_settings
+from lab.report.load import ReportSettings, Results, load_results
 from lab.report.plots import plot_data
 from lab.report.sections import (
     Section,
@@ -47,7 +47,8 @@ def sections(results: Results, settings: ReportSettings) -> list[Section]:
         breakdown_section(results),
         position_section(results),
         gpu_section(results),
-        http_section(results),
+        # pipelines/http is optional: its section appears once it has run.
+        *([http_section(results)] if not results.http.empty else []),
     ]
 
 
@@ -98,7 +99,7 @@ def render(experiments: Path, reports: Path, settings: ReportSettings) -> list[P
     return written
 
 
-def main() -> None:
-    """Stage body: params.yaml in the working directory, experiments/ -> reports/."""
-    written = render(Path("experiments"), Path("reports"), read_settings(Path("params.yaml")))
+def main(settings: ReportSettings) -> None:
+    """Stage body: experiments/ -> reports/ in the working directory."""
+    written = render(Path("experiments"), Path("reports"), settings)
     print(f"report: wrote {len(written)} files under reports/")
