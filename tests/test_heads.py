@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from lab.drafting import distill, heads
+from lab.drafting import distill, heads, training
 from lab.drafting.eagle import EagleDrafter
 from lab.drafting.medusa import MedusaDrafter
 from lab.engine import loop
@@ -25,13 +25,13 @@ def data(qwen2: LoadedModel) -> distill.Distilled:
 
 
 @pytest.fixture(scope="module")
-def trained(qwen2: LoadedModel, data: distill.Distilled) -> dict[str, heads.Trained]:
+def trained(qwen2: LoadedModel, data: distill.Distilled) -> dict[str, training.Trained]:
     train, heldout = data.split(0.25)
-    settings: dict[str, heads.Settings] = {
+    settings: dict[str, training.TrainingSettings] = {
         "medusa": MedusaTraining(num_heads=3, epochs=4, batch_size=32, lr=3e-3).settings(),
         "eagle": EagleTraining(intermediate_size=64, epochs=4, batch_size=2).settings(),
     }
-    return {kind: heads.train(qwen2, train, heldout, s, seed=0) for kind, s in settings.items()}
+    return {kind: training.train(qwen2, train, heldout, s, seed=0) for kind, s in settings.items()}
 
 
 def test_distilled_text_is_the_targets_greedy_output(qwen2, data):
@@ -82,7 +82,7 @@ def test_training_logs_every_step(qwen2, data):
     rows: list[dict[str, float]] = []
     train, heldout = data.split(0.25)
     settings = MedusaTraining(num_heads=2, epochs=2, batch_size=64).settings()
-    result = heads.train(qwen2, train, heldout, settings, log=rows.append)
+    result = training.train(qwen2, train, heldout, settings, log=rows.append)
     losses = [r for r in rows if "loss" in r]
     assert [r["step"] for r in losses] == list(range(1, int(result.metrics["steps"]) + 1))
     assert sum("heldout_loss" in r for r in rows) == 2  # one per epoch

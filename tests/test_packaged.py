@@ -1,4 +1,4 @@
-"""lab.models.packaged: chunk order, hash checks, pip hints, crash safety, and one real conversion."""
+"""lab.models.packaged: chunk order, hash checks, pip hints, crash safety, one real conversion."""
 
 from __future__ import annotations
 

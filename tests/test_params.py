@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from lab.drafting import heads
+from lab.drafting import training
 from lab.pipeline import params as P
 from tests.smoke import ROOT, smoke_params
 
@@ -37,7 +37,7 @@ def test_default_params_load_typed():
     assert params.policies.settings("exact") == {}
     assert params.drafters.settings("prompt_lookup") == RAW["drafters"]["params"]["prompt_lookup"]
     settings = params.heads.training("eagle").settings()
-    assert isinstance(settings, heads.EagleSettings)
+    assert isinstance(settings, training.EagleSettings)
     assert settings.epochs == RAW["heads"]["eagle"]["epochs"]
     assert params.adaptive.settings("heuristic") == {}
 

@@ -137,4 +137,3 @@ def predicted_speedup(alpha: float, k: float, c: float) -> float:
     if alpha >= 1.0:
         return (k + 1) / (c * k + 1)
     return (1 - alpha ** (k + 1)) / ((1 - alpha) * (c * k + 1))
-

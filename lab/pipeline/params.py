@@ -23,7 +23,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from lab import models
-from lab.drafting import heads
+from lab.drafting import heads, training
 from lab.drafting.registry import DRAFTERS, drafter_settings
 from lab.engine.controllers import CONTROLLERS, make_controller
 from lab.engine.policies import POLICIES, make_policy
@@ -263,8 +263,8 @@ class MedusaTraining(Section):
     weight_decay: NonNegative = 0.0
     loss_decay: PositiveNumber = 0.8  # loss weight of head i is loss_decay**i (Medusa's lambda)
 
-    def settings(self) -> heads.MedusaSettings:
-        return heads.MedusaSettings(**self.model_dump())
+    def settings(self) -> training.MedusaSettings:
+        return training.MedusaSettings(**self.model_dump())
 
 
 class EagleTraining(Section):
@@ -279,8 +279,8 @@ class EagleTraining(Section):
     # thousand positions 1.0 gave a better held-out top-1 (0.21 vs 0.19 for a 0.5B target).
     cls_weight: NonNegative = 1.0
 
-    def settings(self) -> heads.EagleSettings:
-        return heads.EagleSettings(**self.model_dump())
+    def settings(self) -> training.EagleSettings:
+        return training.EagleSettings(**self.model_dump())
 
 
 class Heads(Section):

@@ -77,8 +77,7 @@ def run(
             rows = _generate(params, method, f"{stage}/{item}", profile_dir)
         frame = pd.DataFrame(rows)
         frame["question_id"] = frame["question_id"].astype(str)
-        steps = pd.DataFrame([{"question_id": str(r["question_id"]), "repetition": r["repetition"],
-                               **s} for r in rows for s in r["steps"]])  # fmt: skip
+        steps = store.step_frame(rows)
         metrics = summarize(frame, steps, base.rows if base else None,
                             base.steps if base else None, params.seed)  # fmt: skip
         if same is None:
