@@ -5,9 +5,10 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
+import pandas as pd
 import torch
 from tqdm import tqdm
 
@@ -23,6 +24,7 @@ from lab.engine.model import LoadedModel
 from lab.engine.policies import get_policy
 from lab.engine.records import PromptResult
 from lab.engine.session import Clock
+from lab.stats import step_breakdown
 
 ORACLE = "lab_speculative_oracle"
 
@@ -155,18 +157,9 @@ def _runners(
 
 
 def _step_breakdown(results: list[PromptResult]) -> dict[str, float]:
-    """Mean ms per step of a lab loop: draft, verify, and everything else."""
-    steps = [s for r in results for s in r.steps]
-    draft = sum(s.draft_ms for s in steps) / len(steps)
-    verify = sum(s.verify_ms for s in steps) / len(steps)
-    total = sum(s.step_ms for s in steps) / len(steps)
-    return {
-        "draft_ms": draft,
-        "verify_ms": verify,
-        "other_ms": total - draft - verify,
-        "step_ms": total,
-        "mean_accepted_length": sum(s.emitted for s in steps) / len(steps),
-    }
+    """Mean ms per step of a lab loop in each phase (the pipeline's breakdown), and tau."""
+    steps = pd.DataFrame([asdict(s) for r in results for s in r.steps])
+    return {**step_breakdown(steps), "mean_accepted_length": float(steps["emitted"].mean())}
 
 
 def _first_difference(tokens: list[int], reference: list[int]) -> int | None:
