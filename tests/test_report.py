@@ -20,6 +20,7 @@ from lab.engine.policies import POLICIES
 from lab.engine.sampling import SamplingParams
 from lab.method import Method
 from lab.pipeline import store, suite
+from lab.pipeline.lossless import lossless_check
 from lab.prompts import CATEGORIES, load_suite
 from lab.report import load, tables
 from lab.report.load import ReportError, ReportSettings
@@ -132,7 +133,7 @@ class Builder:
         metrics = summarize(frame, steps, base_rows, base_steps, seed=0)
         lossless = None
         if base_rows is not None and policy_label is None and sampling.greedy:
-            lossless = suite.lossless_check(self.target, frame, base_rows)
+            lossless = lossless_check(self.target, frame, base_rows)
         run = {
             "method": dataclasses.asdict(method),
             "target": self.target.name,

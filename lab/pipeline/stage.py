@@ -15,6 +15,7 @@ from lab.engine.policies import get_policy
 from lab.method import DraftSource, Method
 from lab.pipeline import params as P
 from lab.pipeline import profiling, store, suite, tracking
+from lab.pipeline.lossless import lossless_check
 from lab.stats import summarize
 
 EXPERIMENTS = Path("experiments")
@@ -53,7 +54,7 @@ def _lossless(
     if base is None or not get_policy(method.policy).lossless or not greedy:
         return None
     target = models.load(params.models.target, **params.models.placement())
-    return suite.lossless_check(target, rows, base.rows)
+    return lossless_check(target, rows, base.rows)
 
 
 def run(
