@@ -12,16 +12,38 @@ from lab.engine.records import StepRecord, cost_ratio, predicted_speedup
 
 
 def per_prompt(rows: pd.DataFrame) -> pd.DataFrame:
-    """One row per prompt: the median wall time over repetitions, tokens from the first one."""
-    first = rows.sort_values("repetition").groupby("question_id", sort=False).first()
-    first["total_ms"] = rows.groupby("question_id", sort=False)["total_ms"].median()
+    """One row per prompt: median wall times over repetitions, tokens from the first one."""
+    # A stable sort keeps the prompts in their file order (quicksort shuffles equal keys).
+    first = rows.sort_values("repetition", kind="stable").groupby("question_id", sort=False).first()
+    for column in ("total_ms", "ref_total_ms", "ref_decode_ms"):
+        if column in rows:
+            first[column] = rows.groupby("question_id", sort=False)[column].median()
     first["tokens_per_s"] = 1000.0 * first["new_tokens"] / first["total_ms"]
     return first
 
 
-def bootstrap_geomean(ratios: np.ndarray, seed: int, n: int = 2000) -> tuple[float, float, float]:
-    """Geometric mean of ratios and its percentile-bootstrap 95% interval."""
+def reference(prompts: pd.DataFrame) -> pd.DataFrame:
+    """The interleaved reference arm of per-prompt rows, shaped as rows of its own."""
+    return pd.DataFrame(
+        {"total_ms": prompts["ref_total_ms"], "new_tokens": prompts["ref_new_tokens"],
+         "category": prompts["category"]},
+        index=prompts.index,
+    )  # fmt: skip
+
+
+# Fewer prompts than this get no bootstrap interval (None ends): resampling 1 or 2 values gives
+# [x, x] or a near-empty interval that reads as certainty.
+MIN_CI_PROMPTS = 3
+Interval = tuple[float, float | None, float | None]  # estimate, 95% interval ends
+
+
+def bootstrap_geomean(ratios: np.ndarray, seed: int, n: int = 2000) -> Interval:
+    """Geometric mean of ratios and its percentile-bootstrap 95% interval (None below 3)."""
+    if len(ratios) == 0 or not np.all(np.asarray(ratios) > 0):
+        raise ValueError(f"speed-up ratios must be positive and non-empty, got {ratios}")
     logs = np.log(ratios)
+    if len(logs) < MIN_CI_PROMPTS:
+        return float(np.exp(logs.mean())), None, None
     rng = np.random.default_rng(seed)
     means = logs[rng.integers(0, len(logs), size=(n, len(logs)))].mean(axis=1)
     low, high = np.percentile(means, [2.5, 97.5])
@@ -35,8 +57,8 @@ def _pair(method: pd.DataFrame, baseline: pd.DataFrame) -> pd.DataFrame:
 
 def paired_speedup(
     method: pd.DataFrame, baseline: pd.DataFrame, seed: int, n: int = 2000
-) -> dict[str, float]:
-    """Per-prompt baseline time / method time on the same prompts: geomean, CI, throughput ratio."""
+) -> dict[str, Any]:
+    """Per-prompt baseline time / method time on the same prompts: geomean, CI, n, throughput."""
     joined = _pair(method, baseline)
     if joined.empty:
         raise ValueError("no prompt in common with the baseline: cannot pair speed-ups")
@@ -46,7 +68,7 @@ def paired_speedup(
         joined["new_tokens_base"].sum() / joined["total_ms_base"].sum()
     )
     return {"speedup": geo, "speedup_ci_low": low, "speedup_ci_high": high,
-            "throughput_ratio": float(throughput)}  # fmt: skip
+            "speedup_n": len(joined), "throughput_ratio": float(throughput)}  # fmt: skip
 
 
 def greedy_match(method: pd.DataFrame, baseline: pd.DataFrame) -> pd.Series:
@@ -62,13 +84,14 @@ def _steps(steps: pd.DataFrame) -> list[StepRecord]:
 
 
 def summarize(
-    rows: pd.DataFrame,
-    steps: pd.DataFrame,
-    baseline_rows: pd.DataFrame | None,
-    baseline_steps: pd.DataFrame | None,
-    seed: int,
+    rows: pd.DataFrame, steps: pd.DataFrame, seed: int, baseline_rows: pd.DataFrame | None = None
 ) -> dict[str, Any]:
-    """The metrics.json of a stage item; speed-ups only when a baseline is given."""
+    """The metrics.json of a stage item.
+
+    Speed-ups, c and the reference's speed come from the interleaved reference runs (`ref_*`
+    columns, lab.pipeline.suite), when the rows have them; baseline_rows (the baseline stage's)
+    only decide the greedy match.
+    """
     prompts = per_prompt(rows)
     first_rep = steps[steps["repetition"] == 0]
     proposed = int(first_rep["proposed"].sum())
@@ -84,22 +107,37 @@ def summarize(
     }
     if rows["peak_cuda_mb"].notna().any():
         out["peak_cuda_mb"] = float(rows["peak_cuda_mb"].max())
-    if baseline_rows is None or baseline_steps is None:
-        return out
-    base = per_prompt(baseline_rows)
-    out.update(paired_speedup(prompts, base, seed))
-    out["greedy_match_rate"] = float(greedy_match(prompts, base).mean())
-    c = cost_ratio(_steps(first_rep), _steps(baseline_steps[baseline_steps["repetition"] == 0]))
-    out["cost_ratio"] = c
-    if c is not None and out["acceptance_rate"] is not None and out["mean_k"]:
-        out["predicted_speedup"] = predicted_speedup(out["acceptance_rate"], out["mean_k"], c)
+    if baseline_rows is not None:
+        out["greedy_match_rate"] = float(greedy_match(prompts, per_prompt(baseline_rows)).mean())
+    if "ref_total_ms" in rows:
+        out.update(_paired(prompts, first_rep, out, seed))
     return out
 
 
-def acceptance_ci(steps: pd.DataFrame, seed: int, n: int) -> tuple[float, float, float]:
-    """sum(accepted)/sum(proposed) with a bootstrap 95% CI over prompts."""
+def _paired(
+    prompts: pd.DataFrame, steps: pd.DataFrame, out: dict[str, Any], seed: int
+) -> dict[str, Any]:
+    """Speed-up against the interleaved reference, its speed, c and Leviathan's prediction."""
+    ref = reference(prompts)
+    paired: dict[str, Any] = paired_speedup(prompts, ref, seed)
+    paired["reference_tokens_per_s"] = float(
+        1000.0 * ref["new_tokens"].sum() / ref["total_ms"].sum()
+    )
+    c = cost_ratio(_steps(steps), float(prompts["ref_decode_ms"].mean()))
+    paired["cost_ratio"] = c
+    if c is not None and out["acceptance_rate"] is not None and out["mean_k"]:
+        paired["predicted_speedup"] = predicted_speedup(out["acceptance_rate"], out["mean_k"], c)
+    return paired
+
+
+def acceptance_ci(steps: pd.DataFrame, seed: int, n: int) -> Interval:
+    """sum(accepted)/sum(proposed) with a bootstrap 95% CI over prompts (None below 3)."""
     sums = steps[steps["repetition"] == 0].groupby("question_id")[["accepted", "proposed"]].sum()
     accepted, proposed = sums["accepted"].to_numpy(), sums["proposed"].to_numpy()
+    if not proposed.sum():
+        raise ValueError("no draft token was proposed: acceptance is undefined")
+    if len(sums) < MIN_CI_PROMPTS:
+        return float(accepted.sum() / proposed.sum()), None, None
     picks = np.random.default_rng(seed).integers(0, len(sums), size=(n, len(sums)))  # (n, prompts)
     with np.errstate(invalid="ignore", divide="ignore"):  # a resample may propose nothing
         ratios = accepted[picks].sum(axis=1) / proposed[picks].sum(axis=1)
@@ -123,25 +161,35 @@ def acceptance_by_position(steps: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def category_speedups(method: pd.DataFrame, baseline: pd.DataFrame, seed: int) -> pd.DataFrame:
+def category_speedups(rows: pd.DataFrame, seed: int) -> pd.DataFrame:
     """Paired speed-up per category, on that category's prompts only (rows as in prompts.jsonl)."""
-    mine, base = per_prompt(method), per_prompt(baseline)
-    rows = []
-    for category in base["category"].unique():
-        pair = mine[mine["category"] == category], base[base["category"] == category]
-        paired = len(pair[0].index.intersection(pair[1].index))
-        if paired:
-            rows.append({"category": category, "prompts": paired,
-                         **paired_speedup(pair[0], pair[1], seed)})  # fmt: skip
-    return pd.DataFrame(rows)
+    mine = per_prompt(rows)
+    ref = reference(mine)
+    out = []
+    for category in mine["category"].unique():
+        chosen = mine["category"] == category
+        out.append({"category": category, "prompts": int(chosen.sum()),
+                    **paired_speedup(mine[chosen], ref[chosen], seed)})  # fmt: skip
+    return pd.DataFrame(out)
 
 
 def oracle_regret(controller: pd.DataFrame, fixed: list[pd.DataFrame]) -> float:
-    """Controller time / time with the best fixed K per prompt, minus 1 (prompts.jsonl rows)."""
-    times = pd.concat([per_prompt(rows)["total_ms"] for rows in fixed], axis=1, join="inner")
-    mine = per_prompt(controller)["total_ms"]
+    """Controller time / time with the best fixed K per prompt, minus 1 (prompts.jsonl rows).
+
+    Each time is taken relative to its own interleaved reference, so configurations timed minutes
+    apart compare without the machine's drift between them.
+    """
+    relative = [_relative_time(rows) for rows in fixed]
+    times = pd.concat(relative, axis=1, join="inner")
+    mine = _relative_time(controller)
     common = times.index.intersection(mine.index)
     return float(mine[common].sum() / times.loc[common].min(axis=1).sum() - 1.0)
+
+
+def _relative_time(rows: pd.DataFrame) -> pd.Series:
+    """Per prompt: method time / its interleaved reference's time."""
+    prompts = per_prompt(rows)
+    return prompts["total_ms"] / prompts["ref_total_ms"]
 
 
 def pooled_perplexity(outputs: pd.DataFrame) -> float:

@@ -23,10 +23,11 @@ from lab.pipeline import store, suite
 from lab.pipeline.lossless import lossless_check
 from lab.prompts import CATEGORIES, load_suite
 from lab.report import load, tables
-from lab.report.load import ReportError, ReportSettings
+from lab.report.load import ReportError, ReportSettings, label, load_results
 from lab.report.plots import PLOTS
 from lab.report.render import main, render
 from lab.report.sections import lossless_table
+from lab.report.sections_speed import protocol_section
 from lab.stats import summarize
 
 MAX_NEW_TOKENS = 12
@@ -65,6 +66,7 @@ FIGURES = ("ksweep", "frontier", "accepted_length", "step_latency", "acceptance_
 HEADINGS = (
     "Methods",
     "Baseline",
+    "Timing protocol and machine load",
     "K sweep",
     "Acceptance policies",
     "Drafters",
@@ -122,15 +124,9 @@ class Builder:
         )
         frame = pd.DataFrame(rows)
         frame["question_id"] = frame["question_id"].astype(str)
-        steps = pd.DataFrame(
-            [
-                {"question_id": str(r["question_id"]), "repetition": r["repetition"], **s}
-                for r in rows
-                for s in r["steps"]
-            ]
-        )
+        steps = store.step_frame(rows)
         base_rows, base_steps = self.base if self.base else (None, None)
-        metrics = summarize(frame, steps, base_rows, base_steps, seed=0)
+        metrics = summarize(frame, steps, seed=0, baseline_rows=base_rows)
         lossless = None
         if base_rows is not None and policy_label is None and sampling.greedy:
             lossless = lossless_check(self.target, frame, base_rows)
@@ -487,3 +483,18 @@ def test_step_breakdown_by_hand() -> None:
 def test_lossless_policies_match_the_registry() -> None:
     # The report keeps its own copy to stay torch-free: a new lossless policy must land there too.
     assert {n for n, spec in POLICIES.items() if spec.lossless} == load.LOSSLESS_POLICIES
+
+
+def test_noise_floor_and_load_flag(experiments: Path, settings: ReportSettings) -> None:
+    results = load_results(experiments)
+    base = results.baseline
+    assert base is not None and "speedup" in base.metrics  # the A/A pair ran
+    # Tiny models time noisily: give every item the same reference speed, then halve one's.
+    for item in results.runs:
+        item.metrics["reference_tokens_per_s"] = 100.0
+    assert not protocol_section(results).tables[0].data["load_changed"].any()
+    slowed = results.runs[1]
+    slowed.metrics["reference_tokens_per_s"] = 50.0
+    section = protocol_section(results)
+    assert section.tables[0].data["load_changed"].tolist() == [i is slowed for i in results.runs]
+    assert label(slowed) in section.text[1] and "Noise floor" in section.text[-1]

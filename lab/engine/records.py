@@ -122,18 +122,18 @@ def mean_accepted_length(steps: list[StepRecord]) -> float | None:
     return sum(s.emitted for s in steps) / len(steps) if steps else None
 
 
-def cost_ratio(steps: list[StepRecord], baseline_steps: list[StepRecord]) -> float | None:
+def cost_ratio(steps: list[StepRecord], decode_ms: float) -> float | None:
     """c: draft time per proposed token over the target's time per single-token decode step."""
     proposed = sum(s.proposed for s in steps)
-    if not proposed or not baseline_steps:
+    if not proposed or decode_ms <= 0:
         return None
-    draft_per_token = sum(s.draft_ms for s in steps) / proposed
-    decode_per_step = sum(s.verify_ms for s in baseline_steps) / len(baseline_steps)
-    return draft_per_token / decode_per_step
+    return sum(s.draft_ms for s in steps) / proposed / decode_ms
 
 
 def predicted_speedup(alpha: float, k: float, c: float) -> float:
     """Leviathan et al. (2023): expected speed-up from acceptance rate, K and cost ratio c."""
-    if alpha >= 1.0:
+    if not (0.0 <= alpha <= 1.0 and k >= 0 and c >= 0):
+        raise ValueError(f"need 0 <= alpha <= 1, K >= 0, c >= 0; got alpha={alpha}, K={k}, c={c}")
+    if alpha == 1.0:
         return (k + 1) / (c * k + 1)
     return (1 - alpha ** (k + 1)) / ((1 - alpha) * (c * k + 1))

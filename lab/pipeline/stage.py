@@ -79,8 +79,7 @@ def run(
         frame = pd.DataFrame(rows)
         frame["question_id"] = frame["question_id"].astype(str)
         steps = store.step_frame(rows)
-        metrics = summarize(frame, steps, base.rows if base else None,
-                            base.steps if base else None, params.seed)  # fmt: skip
+        metrics = summarize(frame, steps, params.seed, base.rows if base else None)
         if same is None:
             lossless = _lossless(params, method, frame, base)
         if profile_dir is not None:

@@ -5,14 +5,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm import tqdm
 
 from lab.engine.model import LoadedModel
+from lab.engine.records import PromptResult
 from lab.engine.sampling import SamplingParams
 from lab.engine.session import check_generation_args
 from lab.method import DraftSource, Method, generate_one
 from lab.pipeline import profiling
 from lab.prompts import Prompt, encode
+
+# The interleaved reference: every timed generation of a method is paired with a plain-decoding
+# generation of the same prompt, run right before or after it (order random per prompt, half the
+# prompts each way). A speed-up is the ratio within each pair, so a change of machine load between
+# stages, or during one, moves both arms alike instead of going into the ratio. For the baseline
+# itself the pair is A/A: the noise floor.
+REFERENCE = Method()
 
 
 def run(
@@ -28,23 +37,72 @@ def run(
     desc: str = "prompts",
     profile_dir: Path | None = None,
 ) -> list[dict[str, Any]]:
-    """Every prompt, `repetitions` times, after `warmup` discarded runs; one row per generation.
+    """Every prompt, `repetitions` times, each paired with a reference run; one row per pair.
 
-    profile_dir: torch.profiler over the timed generations (not the warm-up), written there.
+    A row is the method's generation plus `ref_*` fields of its reference. profile_dir:
+    torch.profiler over the timed method generations (not the warm-up), written there.
     """
+    encoded = _encode(prompts, target, max_new_tokens)
+    for _ in range(warmup):
+        # First calls pay one-off allocation, dispatch and per-shape kernel set-up: both arms
+        # run a full-length generation first, so they meet the step shapes they are timed on.
+        for arm in (method, REFERENCE):
+            generate_one(arm, target, draft, encoded[0], max_new_tokens, sampling, seed)
+    # (prompts, repetitions): True where the method runs before its reference.
+    order = np.random.default_rng(seed).permutation(np.arange(len(prompts) * repetitions) % 2 == 0)
+    rows = []
+    timed = list(zip(prompts, encoded, strict=True))
+    # The profile (opt-in, for diagnosis) spans both arms: a pair is one unit of work.
+    with profiling.profiled(profile_dir, target.device):
+        for i, (prompt, ids) in enumerate(tqdm(timed, desc=desc, unit="prompt")):
+            for rep in range(repetitions):
+                method_first = bool(order[i * repetitions + rep])
+                result, ref = _pair(
+                    method, target, draft, ids, max_new_tokens, sampling, seed, method_first
+                )
+                rows.append({"question_id": prompt.question_id, "category": prompt.category,
+                             "repetition": rep, **result.to_dict(), **_reference(ref),
+                             "method_first": method_first})  # fmt: skip
+    return rows
+
+
+def _encode(prompts: list[Prompt], target: LoadedModel, max_new_tokens: int) -> list[list[int]]:
+    """Token ids of every prompt, each checked before any prompt runs."""
     encoded = [encode(p, target.tokenizer) for p in prompts]
-    for prompt, ids in zip(prompts, encoded, strict=True):  # fail before any prompt runs
+    for prompt, ids in zip(prompts, encoded, strict=True):
         try:
             check_generation_args(target, max_new_tokens, ids)
         except ValueError as err:
             raise ValueError(f"prompt {prompt.question_id} ({prompt.category}): {err}") from err
-    for _ in range(warmup):  # first calls pay one-off allocation and dispatch costs
-        generate_one(method, target, draft, encoded[0], min(8, max_new_tokens), sampling, seed)
-    rows = []
-    with profiling.profiled(profile_dir, target.device):
-        for prompt, ids in tqdm(list(zip(prompts, encoded, strict=True)), desc=desc, unit="prompt"):
-            for rep in range(repetitions):
-                result = generate_one(method, target, draft, ids, max_new_tokens, sampling, seed)
-                rows.append({"question_id": prompt.question_id, "category": prompt.category,
-                             "repetition": rep, **result.to_dict()})  # fmt: skip
-    return rows
+    return encoded
+
+
+def _pair(
+    method: Method,
+    target: LoadedModel,
+    draft: DraftSource,
+    ids: list[int],
+    max_new_tokens: int,
+    sampling: SamplingParams,
+    seed: int,
+    method_first: bool,
+) -> tuple[PromptResult, PromptResult]:
+    """(method result, reference result), generated back to back in the given order."""
+
+    def reference() -> PromptResult:
+        return generate_one(REFERENCE, target, draft, ids, max_new_tokens, sampling, seed)
+
+    ref = None if method_first else reference()
+    result = generate_one(method, target, draft, ids, max_new_tokens, sampling, seed)
+    return result, ref if ref is not None else reference()
+
+
+def _reference(ref: PromptResult) -> dict[str, Any]:
+    """What a pair keeps of its reference: its time, tokens and plain decode step time."""
+    return {
+        "ref_total_ms": ref.total_ms,
+        "ref_new_tokens": ref.new_tokens,
+        "ref_decode_ms": sum(s.verify_ms for s in ref.steps) / len(ref.steps)
+        if ref.steps
+        else None,
+    }

@@ -38,9 +38,11 @@ def frontier_figure(data: pd.DataFrame, baseline_ppl: float | None) -> Figure:
     for lossy, marker, name in ((False, "o", "lossless"), (True, "X", "lossy")):
         part = data[data["lossy"] == lossy]
         if len(part):
+            # astype: ends are None (object column) where too few prompts gave no interval.
+            mid = part["speedup"].astype(float)
             err = [
-                (part["speedup"] - part["speedup_ci_low"]).clip(lower=0),
-                (part["speedup_ci_high"] - part["speedup"]).clip(lower=0),
+                (mid - part["speedup_ci_low"].astype(float)).clip(lower=0),
+                (part["speedup_ci_high"].astype(float) - mid).clip(lower=0),
             ]
             ax.errorbar(
                 part["perplexity"], part["speedup"], yerr=err, fmt=marker, capsize=3, label=name

@@ -29,11 +29,13 @@ def spec_row(item: Item, settings: ReportSettings) -> dict[str, Any]:
         "acceptance_rate": m["acceptance_rate"],
         "acceptance_rate_ci_low": acc[1],
         "acceptance_rate_ci_high": acc[2],
+        "acceptance_rate_n": m["prompts"],  # acceptance_ci resamples prompts
         "mean_accepted_length": m["mean_accepted_length"],
         "tokens_per_s": m["tokens_per_s"],
         "speedup": m["speedup"],
         "speedup_ci_low": m["speedup_ci_low"],
         "speedup_ci_high": m["speedup_ci_high"],
+        "speedup_n": m["speedup_n"],
         "throughput_ratio": m["throughput_ratio"],
         "greedy_match_rate": m["greedy_match_rate"],
         "cost_ratio": m["cost_ratio"],

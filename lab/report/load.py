@@ -27,8 +27,8 @@ ROW_COLUMNS = ("question_id", "category", "repetition", "new_tokens", "total_ms"
                "ttft_ms", "token_ids")  # fmt: skip
 METRIC_KEYS = ("prompts", "new_tokens", "tokens_per_s", "ttft_ms", "peak_rss_mb",
                "acceptance_rate", "mean_accepted_length", "mean_k")  # fmt: skip
-SPEC_METRIC_KEYS = ("speedup", "speedup_ci_low", "speedup_ci_high", "throughput_ratio",
-                    "greedy_match_rate", "cost_ratio")  # fmt: skip
+SPEC_METRIC_KEYS = ("speedup", "speedup_ci_low", "speedup_ci_high", "speedup_n",
+                    "throughput_ratio", "greedy_match_rate", "cost_ratio")  # fmt: skip
 LOSSLESS_COLUMNS = ("question_id", "identical", "first_diff", "logit_margin")
 OUTPUTS_COLUMNS = ("stage", "item", "question_id", "tokens", "perplexity")
 CORPUS_COLUMNS = ("model", "role", "tokens", "perplexity")

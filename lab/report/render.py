@@ -26,6 +26,7 @@ from lab.report.sections_speed import (
     ksweep_section,
     policies_section,
     predicted_section,
+    protocol_section,
 )
 from lab.report.tables import markdown, write_table
 
@@ -35,6 +36,7 @@ def sections(results: Results, settings: ReportSettings) -> list[Section]:
     return [
         methods_section(results, settings),
         baseline_section(results),
+        protocol_section(results),
         ksweep_section(results, settings),
         policies_section(results, settings),
         drafters_section(results, settings),

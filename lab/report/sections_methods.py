@@ -133,7 +133,8 @@ def _definitions(settings: ReportSettings) -> list[str]:
         "token) is reported separately.",
         "speed-up = per-prompt baseline time / configuration time on the same prompt (median "
         "over repetitions), summarised as the geometric mean over prompts with a percentile "
-        "bootstrap 95% CI; throughput ratio = ratio of total tokens/s.",
+        "bootstrap 95% CI; throughput ratio = ratio of total tokens/s. An interval needs at "
+        "least 3 prompts: with fewer, a cell shows the estimate and its n, as in 1.23 (n=2).",
         "c = draft time per proposed token / target time per single-token decode step, measured.",
         "predicted speed-up (Leviathan et al. 2023) = (1 - a^(K+1)) / ((1 - a)(cK + 1)) from the "
         "measured a, mean K and c.",

@@ -11,11 +11,35 @@ from lab.report.figures import accepted_length_figure, frontier_figure, ksweep_f
 from lab.report.frames import accepted_length, perplexity_by_item, ppl_of, spec_frame
 from lab.report.load import ReportSettings, Results, first, is_lossy, label, method
 from lab.report.sections import Section, no_data
-from lab.report.tables import MISSING, ci, fmt, header, make_table
+from lab.report.tables import MISSING, ci, fmt, fmt_ci, header, make_table
+
+# An item whose interleaved reference ran this much faster or slower than the median item's ran
+# on a machine under another load; its pairs still compare like with like, but the report says so.
+LOAD_DRIFT = 0.10
+
+
+def noise_floor(results: Results) -> str | None:
+    """The A/A line: the baseline against its own interleaved reference, as every speed-up is."""
+    base = results.baseline
+    if base is None or "speedup" not in base.metrics:
+        return None
+    m = base.metrics
+    cell = fmt_ci(m["speedup"], m["speedup_ci_low"], m["speedup_ci_high"], m.get("speedup_n"))
+    return (
+        f"Noise floor: the baseline timed against itself under the same protocol (A/A) gives "
+        f"{cell}; a speed-up whose interval overlaps this one is no measured effect."
+    )
+
+
+def _with_floor(section: Section, results: Results) -> Section:
+    line = noise_floor(results)
+    if line is not None and section.tables:
+        section.text.append(line)
+    return section
 
 
 def baseline_section(results: Results) -> Section:
-    """The target alone: the reference every speed-up divides by."""
+    """The target alone: the reference every speed-up divides by, and its A/A noise floor."""
     section = Section("Baseline")
     base = results.baseline
     if base is None:
@@ -34,7 +58,42 @@ def baseline_section(results: Results) -> Section:
     if m.get("peak_cuda_mb") is not None:
         row["peak_cuda_mb"] = m["peak_cuda_mb"]
     section.tables.append(make_table("baseline", "Baseline (target alone)", pd.DataFrame([row])))
-    return section
+    return _with_floor(section, results)
+
+
+def protocol_section(results: Results) -> Section:
+    """How speed-ups are timed, and how fast the machine ran for each item (load drift)."""
+    section = Section("Timing protocol and machine load")
+    items = [i for i in results.runs if "reference_tokens_per_s" in i.metrics]
+    if not items:
+        section.text.append(no_data("no item has interleaved reference runs"))
+        return section
+    section.text.append(
+        "Every timed generation is paired with a plain-decoding generation of the same prompt "
+        "run right before or after it (order random per prompt, balanced); a speed-up is the "
+        "geometric mean of the per-prompt ratios within pairs, so load that changes between or "
+        "during stages moves both arms alike. Each item first runs one full-length warm-up "
+        "generation of both arms. The reference's speed below shows the load each item saw."
+    )
+    speeds = pd.Series([i.metrics["reference_tokens_per_s"] for i in items])
+    relative = speeds / speeds.median()
+    data = pd.DataFrame(
+        {
+            "configuration": [label(i) for i in items],
+            "reference_tokens_per_s": speeds,
+            "relative_speed": relative,
+            "load_changed": (relative - 1).abs() > LOAD_DRIFT,
+        }
+    )
+    section.tables.append(make_table("protocol", "Interleaved reference speed per item", data))
+    drifted = data[data["load_changed"]]
+    if len(drifted):
+        names = ", ".join(drifted["configuration"])
+        section.text.append(
+            f"Load changed: the reference ran more than {LOAD_DRIFT:.0%} off the median speed "
+            f"for {names}. Their speed-ups are still paired; their tokens/s are not comparable."
+        )
+    return _with_floor(section, results)
 
 
 def ksweep_section(results: Results, settings: ReportSettings) -> Section:
@@ -57,7 +116,7 @@ def ksweep_section(results: Results, settings: ReportSettings) -> Section:
     data = spec_frame(items, settings, columns)
     section.tables.append(make_table("ksweep", "Speed-up and acceptance against K", data))
     section.figures.append(("ksweep", ksweep_figure(data), "Speed-up and acceptance against K"))
-    return section
+    return _with_floor(section, results)
 
 
 def policies_section(results: Results, settings: ReportSettings) -> Section:
@@ -89,7 +148,7 @@ def policies_section(results: Results, settings: ReportSettings) -> Section:
     section.text.append(f"Baseline output perplexity: {fmt(base)}.")
     fig = frontier_figure(data, base)
     section.figures.append(("frontier", fig, "Speed-quality frontier of the acceptance policies"))
-    return section
+    return _with_floor(section, results)
 
 
 def drafters_section(results: Results, settings: ReportSettings) -> Section:
@@ -114,7 +173,7 @@ def drafters_section(results: Results, settings: ReportSettings) -> Section:
     section.tables.append(make_table("drafters", "Drafters", data))
     fig = accepted_length_figure(accepted_length(items))
     section.figures.append(("accepted_length", fig, "Tokens emitted per step, per drafter"))
-    return section
+    return _with_floor(section, results)
 
 
 def controllers_section(results: Results, settings: ReportSettings) -> Section:
@@ -150,7 +209,7 @@ def controllers_section(results: Results, settings: ReportSettings) -> Section:
     else:
         section.text.append(no_data("no K sweep, so no regret against the best fixed K"))
     section.tables.append(make_table("controllers", "K controllers and their regret", data))
-    return section
+    return _with_floor(section, results)
 
 
 def predicted_section(results: Results, settings: ReportSettings) -> Section:
@@ -185,11 +244,11 @@ def categories_section(results: Results, settings: ReportSettings) -> Section:
         )
         return section
     frames = [
-        stats.category_speedups(i.rows, base.rows, settings.seed).assign(configuration=label(i))
-        for i in items
+        stats.category_speedups(i.rows, settings.seed).assign(configuration=label(i)) for i in items
     ]
     data = pd.concat(frames, ignore_index=True)
-    data = data[["configuration", "category", "prompts", *ci("speedup")]]
+    # speedup_n (the paired prompts) makes a category with fewer than 3 show 'x (n=1)'.
+    data = data[["configuration", "category", *ci("speedup")]]
     table = make_table("categories", "Speed-up per prompt category [95% CI]", data)
     # Shown wide (configurations x categories); the CSV stays long, one row per pair.
     table.shown = (

@@ -82,18 +82,18 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
-def fmt_ci(mid: Any, low: Any, high: Any) -> str:
-    """'1.23 [1.10, 1.37]'; n/a when the estimate is missing."""
+def fmt_ci(mid: Any, low: Any, high: Any, n: Any = None) -> str:
+    """'1.23 [1.10, 1.37]'; '1.23 (n=2)' without an interval (too few prompts); n/a if missing."""
     if _is_missing(mid):
         return MISSING
     if _is_missing(low) or _is_missing(high):
-        return f"{mid:.2f}"
+        return f"{mid:.2f}" if _is_missing(n) else f"{mid:.2f} (n={int(n)})"
     return f"{mid:.2f} [{low:.2f}, {high:.2f}]"
 
 
 def ci(column: str) -> list[str]:
-    """A column and its 95% interval bounds, which make_table shows as one cell."""
-    return [column, f"{column}_ci_low", f"{column}_ci_high"]
+    """A column, its 95% interval bounds and its sample size, which make_table shows as one cell."""
+    return [column, f"{column}_ci_low", f"{column}_ci_high", f"{column}_n"]
 
 
 def header(column: str, with_ci: bool = False) -> str:
@@ -102,14 +102,18 @@ def header(column: str, with_ci: bool = False) -> str:
 
 
 def make_table(name: str, caption: str, data: pd.DataFrame) -> Table:
-    """Format a numeric table: x, x_ci_low, x_ci_high become one 'x [low, high]' column."""
+    """Format a numeric table: the ci() columns of x become one 'x [low, high]' or 'x (n=2)'."""
     shown = pd.DataFrame(index=data.index)
+    folded = {c for x in data.columns if f"{x}_ci_low" in data.columns for c in ci(x)[1:]}
     for column in data.columns:
-        if column.endswith(("_ci_low", "_ci_high")):
+        if column in folded:
             continue
-        low, high = f"{column}_ci_low", f"{column}_ci_high"
+        low, high, n = ci(column)[1:]
         if low in data.columns:
-            cells = [fmt_ci(*t) for t in zip(data[column], data[low], data[high], strict=True)]
+            sizes = data[n] if n in data.columns else [None] * len(data)
+            cells = [
+                fmt_ci(*t) for t in zip(data[column], data[low], data[high], sizes, strict=True)
+            ]
             shown[header(column, with_ci=True)] = cells
         else:
             shown[header(column)] = [fmt(v) for v in data[column]]

@@ -209,7 +209,7 @@ def summarize_load(run: LoadRun, seed: int = 0) -> dict[str, Any]:
             out[f"{name}_{stat}"] = float(fn(values)) if values else None
     if ok:
         frame, steps = _frames(ok)
-        local = summarize(frame, steps, None, None, seed)
+        local = summarize(frame, steps, seed)
         local["peak_rss_mb"] = None  # the server's memory is not visible from here
         out.update(local)
     return out
