@@ -66,28 +66,45 @@ def load_suite(
 
 
 def render(
-    prompt: Prompt, tokenizer: PreTrainedTokenizerBase, use_chat_template: bool | None = None
+    prompt: Prompt,
+    tokenizer: PreTrainedTokenizerBase,
+    use_chat_template: bool | None = None,
+    answers: Sequence[str] = (),
 ) -> str:
-    """The first turn as model input (chat-formatted iff asked, or by default iff one exists)."""
-    # Multi-turn benchmarks are out of scope: later turns (e.g. Spec-Bench mt_bench's second
-    # question, which needs the model's first answer) are ignored.
-    turn = prompt.turns[0]
+    """Turn len(answers) + 1 as model input: the earlier turns with the model's own answers.
+
+    Chat-formatted iff asked, or by default iff the tokenizer has a template. This is how
+    Spec-Bench runs mt_bench: the second question follows the model's answer to the first.
+    """
+    if len(answers) >= len(prompt.turns):
+        raise PromptError(
+            f"prompt {prompt.question_id} has {len(prompt.turns)} turn(s); "
+            f"{len(answers)} answer(s) leave none to ask"
+        )
+    turns = prompt.turns[: len(answers) + 1]
     if not _wants_chat(tokenizer, use_chat_template):
-        return turn
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": turn}], tokenize=False, add_generation_prompt=True
-    )
+        # Plain text: the conversation so far, one paragraph per message.
+        return "\n\n".join(m for pair in zip(turns, [*answers, ""], strict=True) for m in pair if m)
+    messages = []
+    for turn, answer in zip(turns, [*answers, None], strict=True):
+        messages.append({"role": "user", "content": turn})
+        if answer is not None:
+            messages.append({"role": "assistant", "content": answer})
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     if not isinstance(text, str):  # tokenize=False always gives a str; this narrows the type
         raise PromptError(f"chat template rendered {type(text).__name__}, expected str")
     return text
 
 
 def encode(
-    prompt: Prompt, tokenizer: PreTrainedTokenizerBase, use_chat_template: bool | None = None
+    prompt: Prompt,
+    tokenizer: PreTrainedTokenizerBase,
+    use_chat_template: bool | None = None,
+    answers: Sequence[str] = (),
 ) -> list[int]:
     """Token ids of `render(...)`, with exactly the BOS the format calls for."""
     chat = _wants_chat(tokenizer, use_chat_template)
-    text = render(prompt, tokenizer, chat)
+    text = render(prompt, tokenizer, chat, answers)
     # A chat template writes its own BOS into the text, so adding special tokens would double it;
     # this matches what apply_chat_template(tokenize=True) does. Plain text gets the usual ones.
     ids = tokenizer(text, add_special_tokens=not chat)["input_ids"]

@@ -42,39 +42,53 @@ def run(
     A row is the method's generation plus `ref_*` fields of its reference. profile_dir:
     torch.profiler over the timed method generations (not the warm-up), written there.
     """
-    encoded = _encode(prompts, target, max_new_tokens)
+    _check(prompts, target, max_new_tokens)
+    first = encode(prompts[0], target.tokenizer)
     for _ in range(warmup):
         # First calls pay one-off allocation, dispatch and per-shape kernel set-up: both arms
         # run a full-length generation first, so they meet the step shapes they are timed on.
         for arm in (method, REFERENCE):
-            generate_one(arm, target, draft, encoded[0], max_new_tokens, sampling, seed)
-    # (prompts, repetitions): True where the method runs before its reference.
-    order = np.random.default_rng(seed).permutation(np.arange(len(prompts) * repetitions) % 2 == 0)
-    rows = []
-    timed = list(zip(prompts, encoded, strict=True))
+            generate_one(arm, target, draft, first, max_new_tokens, sampling, seed)
+    # One flag per timed pair, True where the method runs first: half each way, shuffled.
+    pairs = sum(len(p.turns) for p in prompts) * repetitions
+    order = iter(np.random.default_rng(seed).permutation(np.arange(pairs) % 2 == 0).tolist())
+    rows: list[dict[str, Any]] = []
     # The profile (opt-in, for diagnosis) spans both arms: a pair is one unit of work.
     with profiling.profiled(profile_dir, target.device):
-        for i, (prompt, ids) in enumerate(tqdm(timed, desc=desc, unit="prompt")):
-            for rep in range(repetitions):
-                method_first = bool(order[i * repetitions + rep])
-                result, ref = _pair(
-                    method, target, draft, ids, max_new_tokens, sampling, seed, method_first
-                )
-                rows.append({"question_id": prompt.question_id, "category": prompt.category,
-                             "repetition": rep, **result.to_dict(), **_reference(ref),
-                             "method_first": method_first})  # fmt: skip
+        for prompt in tqdm(prompts, desc=desc, unit="prompt"):
+            answers: list[str] = []  # a later turn follows the method's own earlier answers
+            for turn in range(len(prompt.turns)):
+                ids = encode(prompt, target.tokenizer, answers=answers)
+                for rep in range(repetitions):
+                    method_first = next(order)
+                    result, ref = _pair(
+                        method, target, draft, ids, max_new_tokens, sampling, seed, method_first
+                    )
+                    rows.append({"question_id": turn_id(prompt, turn), "category": prompt.category,
+                                 "repetition": rep, **result.to_dict(), **_reference(ref),
+                                 "method_first": method_first})  # fmt: skip
+                    if rep == 0:
+                        answers.append(result.text)
     return rows
 
 
-def _encode(prompts: list[Prompt], target: LoadedModel, max_new_tokens: int) -> list[list[int]]:
-    """Token ids of every prompt, each checked before any prompt runs."""
-    encoded = [encode(p, target.tokenizer) for p in prompts]
-    for prompt, ids in zip(prompts, encoded, strict=True):
-        try:
-            check_generation_args(target, max_new_tokens, ids)
-        except ValueError as err:
-            raise ValueError(f"prompt {prompt.question_id} ({prompt.category}): {err}") from err
-    return encoded
+def turn_id(prompt: Prompt, turn: int) -> str:
+    """The id of one turn's generation: the question's id, then #2, #3 for later turns."""
+    return str(prompt.question_id) if turn == 0 else f"{prompt.question_id}#{turn + 1}"
+
+
+def _check(prompts: list[Prompt], target: LoadedModel, max_new_tokens: int) -> None:
+    """Every prompt fits the model, each turn counting every earlier answer at full length."""
+    for prompt in prompts:
+        for turn in range(len(prompt.turns)):
+            # Empty answers give the template's tokens; each answer adds at most max_new_tokens.
+            ids = encode(prompt, target.tokenizer, answers=[""] * turn)
+            bound = ids + [0] * (turn * max_new_tokens)
+            try:
+                check_generation_args(target, max_new_tokens, bound)
+            except ValueError as err:
+                where = f"prompt {turn_id(prompt, turn)} ({prompt.category})"
+                raise ValueError(f"{where}: {err}") from err
 
 
 def _pair(
