@@ -129,7 +129,8 @@ def _parser() -> argparse.ArgumentParser:
         "--ks", type=int, nargs="+", default=None, metavar="K",
         help="oracle speed-up against its bound (K+1) t_decode / t_verify(K+1) for each K",
     )  # fmt: skip
-    b.add_argument("--warmup-tokens", type=int, default=8)
+    b.add_argument("--warmup-tokens", type=int, default=None,
+                   help="warm-up run length (default: --max-new-tokens)")  # fmt: skip
     b.add_argument("--out", default=None, help="write flat JSON rows + raw/ here (experiments/gpu)")
     b.add_argument("--tag", default=None, help="file prefix under --out (default: device-model)")
 
@@ -299,7 +300,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
 
     for k in [args.k, *(args.ks or [])]:
         make_controller("fixed", k)  # validates every K
-    if args.warmup_tokens <= 0:
+    if args.warmup_tokens is not None and args.warmup_tokens <= 0:
         raise ValueError(f"--warmup-tokens must be a positive integer, got {args.warmup_tokens}")
     prompts = load_suite(args.prompts, args.categories, args.per_category)
     target, draft = _load_bench_pair(args)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -238,3 +239,14 @@ def test_cli_bench_rejects_bad_arguments_before_loading(extra, message, capsys):
     args = ["bench", "--target", "tiny-random-qwen2", "--draft", "tiny-random-qwen2", *extra]
     assert cli.main(args) == 2
     assert message in capsys.readouterr().err
+
+
+def test_bench_order_is_random_per_prompt_with_oracles_after_their_baseline() -> None:
+    table = bench.methods("tiny-random-qwen2-draft", oracle=True, static_cache=True)
+    runners: dict[str, object] = dict.fromkeys(table)
+    runners[bench.ORACLE] = bench.OracleRunner(None, None, "lab_baseline", {})  # type: ignore[arg-type]
+    rng = random.Random(0)
+    orders = [bench._shuffled(table, runners, rng) for _ in range(40)]
+    assert all(sorted(o) == sorted(table) for o in orders)
+    assert len({o[0] for o in orders}) > 2  # no method always runs first
+    assert all(o.index(bench.ORACLE) > o.index("lab_baseline") for o in orders)

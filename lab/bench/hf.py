@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -228,7 +229,7 @@ def run(
     prompts: list[list[int]],
     k: int,
     max_new_tokens: int,
-    warmup_tokens: int = 8,
+    warmup_tokens: int | None = None,
     *,
     oracle: bool = False,
     static_cache: bool = False,
@@ -266,12 +267,16 @@ def run(
         if isinstance(runner, OracleRunner):
             runner.prepare(ids, n)
 
+    # Warm-up: first calls pay one-off allocation, dispatch and per-shape set-up (cuDNN's first
+    # call at each (q_len, kv_len)); by default a full-length generation, the shapes timed later.
+    warm = warmup_tokens or max_new_tokens
+    rng = random.Random(0)
     with assistant_schedule(draft, k):
-        for method in table:  # warm-up: first calls pay one-off allocation and dispatch costs
-            prepare(method, prompts[0], warmup_tokens)
-            token_ids(method, prompts[0], runners[method](prompts[0], warmup_tokens))
+        for method in table:
+            prepare(method, prompts[0], warm)
+            token_ids(method, prompts[0], runners[method](prompts[0], warm))
         for ids in tqdm(prompts, desc="bench prompts", unit="prompt"):
-            for method in table:
+            for method in _shuffled(table, runners, rng):
                 prepare(method, ids, max_new_tokens)
                 start = clock.now()
                 out = runners[method](ids, max_new_tokens)
@@ -327,6 +332,21 @@ def run(
     if ks:
         result["ceiling"] = _ceilings(target, engine, baselines, table, ks, max_new_tokens)
     return result
+
+
+def _shuffled(
+    table: dict[str, BenchMethod], runners: dict[str, Any], rng: random.Random
+) -> list[str]:
+    """The methods in a random order per prompt (so none always runs first), oracles after
+    the baseline whose output they settle on."""
+    order = list(table)
+    rng.shuffle(order)
+    for name, runner in runners.items():
+        if isinstance(runner, OracleRunner) and name in order:
+            order.remove(name)
+            after = order.index(runner.baseline) + 1
+            order.insert(rng.randint(after, len(order)), name)
+    return order
 
 
 def _static_info(engine: StaticEngine, prompt: list[int], max_new_tokens: int) -> dict[str, Any]:
