@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -210,10 +212,15 @@ def test_rows_are_flat_and_render_in_the_report(bench_result, tmp_path: Path):
         assert set(row) == set(results.ROW_KEYS)
         assert all(not isinstance(v, dict | list) for v in row.values())
     assert json.loads((folder / "raw" / "cpu-tiny.json").read_text())["k"] == 3
-    # The report's GPU section: one row per flat file; raw/ is not globbed.
+    # The report's GPU section: the CSV has one row per flat file (raw/ is not globbed) and every
+    # column; the shown table has the curated columns, one row per method and cache.
     section = gpu_section(load_results(tmp_path / "experiments"))
     (table,) = section.tables
-    assert len(table.data) == 12
+    assert len(table.data) == 12 and "driver" in table.data
+    assert len(table.shown) == 12 and "driver" not in table.shown.columns
+    twice = pd.concat([table.data, table.data])
+    rerun = gpu_section(replace(load_results(tmp_path / "experiments"), gpu=twice)).tables[0]
+    assert len(rerun.shown) == 12 and len(rerun.data) == 24
 
 
 def test_cli_bench_writes_rows(tmp_path: Path, capsys):
