@@ -52,3 +52,15 @@ def test_names_paths_and_hub_ids(tmp_path):
 
 def test_same_vocabulary_pair_is_accepted():
     models.check_pair("tiny-random-qwen2", "tiny-random-llama-draft")
+
+
+def test_cpu_dtype_by_capability() -> None:
+    # bf16 only where the CPU has bf16 matrix units; otherwise fp32 (bf16 would be emulated).
+    assert models.cpu_dtype(frozenset({"avx2", "amx_bf16"}))[0] == torch.bfloat16
+    assert models.cpu_dtype(frozenset({"avx512f", "avx512_bf16"}))[0] == torch.bfloat16
+    dtype, why = models.cpu_dtype(frozenset({"avx2", "avx512f", "avx512_vnni"}))
+    assert dtype == torch.float32 and "neither" in why
+    cpu = torch.device("cpu")
+    assert models.dtype_choice(cpu, "float32") == "float32: set by models.dtype"
+    assert models.resolve_dtype(cpu, "float32") == torch.float32
+    assert models.resolve_dtype(cpu) == models.cpu_dtype()[0]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import platform
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 import torch
 import transformers
 
+from lab import machine
 from lab.bench.roofline import hbm_bandwidth
 
 
@@ -26,20 +26,10 @@ def _driver() -> str | None:
     return out.stdout.strip().splitlines()[0]
 
 
-def _cpu_name() -> str:
-    """The CPU's model name (Linux), else what platform knows."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "cpu"
-
-
 def environment(device: torch.device) -> dict[str, Any]:
     """Where a measurement ran: device name, driver, torch/CUDA/transformers versions."""
     cuda = device.type == "cuda"
-    name = torch.cuda.get_device_name(device) if cuda else _cpu_name()
+    name = torch.cuda.get_device_name(device) if cuda else machine.cpu_name()
     return {
         "device": name,
         "driver": _driver() if cuda else None,

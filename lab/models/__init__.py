@@ -21,6 +21,7 @@ from transformers import (
     Qwen2Config,
 )
 
+from lab import machine
 from lab.engine.model import LoadedModel
 from lab.models import packaged
 
@@ -139,16 +140,35 @@ def resolve_device(device: str | None = None) -> torch.device:
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_DEFAULT_DTYPE = {"cuda": torch.bfloat16, "mps": torch.float16, "cpu": torch.float32}
+_DEFAULT_DTYPE = {"cuda": torch.bfloat16, "mps": torch.float16}
 
 
 def resolve_dtype(device: torch.device, dtype: str | None = None) -> torch.dtype:
-    """The requested dtype, else bf16 on CUDA, fp16 on MPS, fp32 on CPU."""
+    """The requested dtype, else bf16 on CUDA, fp16 on MPS; on a CPU see cpu_dtype."""
     if dtype is None:
+        if device.type == "cpu":
+            return cpu_dtype()[0]
         return _DEFAULT_DTYPE.get(device.type, torch.float32)
     if dtype not in _DTYPES:
         raise ModelError(f"unknown dtype {dtype!r}: use one of {', '.join(_DTYPES)}")
     return _DTYPES[dtype]
+
+
+def cpu_dtype(flags: frozenset[str] | None = None) -> tuple[torch.dtype, str]:
+    """bf16 where the CPU has bf16 matrix units (AMX, AVX512-BF16), else fp32; and why."""
+    flag = machine.fast_bf16_flag(flags)
+    if flag is not None:
+        return torch.bfloat16, f"bfloat16: the CPU has {flag}"
+    return torch.float32, "float32: the CPU has neither amx_bf16 nor avx512_bf16"
+
+
+def dtype_choice(device: torch.device, dtype: str | None) -> str:
+    """One line for a result's config: the dtype a run uses and why."""
+    if dtype is not None:
+        return f"{dtype}: set by models.dtype"
+    if device.type == "cpu":
+        return cpu_dtype()[1]
+    return f"{str(resolve_dtype(device)).removeprefix('torch.')}: the default on {device.type}"
 
 
 # --- loading --------------------------------------------------------------------------------------

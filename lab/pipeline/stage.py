@@ -9,7 +9,7 @@ from typing import Any
 
 import pandas as pd
 
-from lab import models
+from lab import machine, models
 from lab.drafting import heads
 from lab.engine.policies import get_policy
 from lab.method import DraftSource, Method
@@ -26,6 +26,13 @@ def run_config(params: P.Params, method: Method) -> dict[str, Any]:
     """Everything that decides what a generation run produces; equal configs are reused."""
     draft = params.models.draft if method.drafter == "draft_model" else None
     return {"method": asdict(method), "draft": draft, **params.run_settings()}
+
+
+def machine_config(params: P.Params) -> dict[str, Any]:
+    """Where the item ran: CPU, device and the dtype chosen (and why); not part of `run`."""
+    device = models.resolve_device(params.models.device)
+    return {**machine.describe(), "device": str(device),
+            "dtype": models.dtype_choice(device, params.models.dtype)}  # fmt: skip
 
 
 def _generate(
@@ -61,7 +68,8 @@ def run(
     params: P.Params, stage: str, item: str, method: Method, reuse_from: tuple[str, ...] = ()
 ) -> Path:
     """Run one stage item (or copy an identical earlier one) and mirror it to MLflow."""
-    config = {"stage": stage, "item": item, "run": run_config(params, method)}
+    config = {"stage": stage, "item": item, "run": run_config(params, method),
+              "machine": machine_config(params)}  # fmt: skip
     out = EXPERIMENTS / stage / item
     base = None if method.baseline else store.read_item(BASELINE)
     same = store.find_same(config, [EXPERIMENTS / s for s in reuse_from])

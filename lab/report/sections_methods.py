@@ -9,6 +9,7 @@ from typing import Any
 
 import psutil
 
+from lab import machine
 from lab.pipeline.store import Item
 from lab.report.load import STAGES, ReportSettings, Results, label, stage_item
 from lab.report.sections import Section
@@ -26,7 +27,7 @@ def methods_section(results: Results, settings: ReportSettings) -> Section:
     prompts, gen = run["prompts"], run["generation"]
     count = ref.metrics["prompts"] if ref else MISSING
     text = [
-        f"**Hardware and software.** {_hardware()}; runs used device "
+        f"**Hardware and software.** {_ran_on(ref)} {_hardware()}; runs used device "
         f"{run.get('device') or 'auto'}, dtype {run.get('dtype') or 'default for the device'}. "
         f"Python {platform.python_version()}, {_versions()}.",
         f"**Models.** Target {run['target']}, draft {_draft_name(results, settings)}, perplexity "
@@ -64,20 +65,22 @@ def _prepared(models: dict[str, Any] | None) -> str:
     return " Prepared: " + "; ".join(parts) + "."
 
 
+def _ran_on(ref: Item | None) -> str:
+    """The machine the results were measured on, as their item recorded it."""
+    found = ref.config.get("machine") if ref else None
+    if not found:
+        return "The items record no machine."
+    return (
+        f"Measured on {found['cpu']} ({found['cores']} logical cores), device {found['device']}, "
+        f"dtype {found['dtype']}."
+    )
+
+
 def _hardware() -> str:
-    """CPU model, cores, RAM and any CUDA device of the machine rendering this report."""
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        names = [
-            ln.split(":", 1)[1].strip()
-            for ln in cpuinfo.read_text().splitlines()
-            if ln.startswith("model name")
-        ]
-        cpu = names[0] if names else cpu
+    """CPU model, cores and RAM of the machine rendering this report."""
     ram = psutil.virtual_memory().total / 2**30
     cores = f"{psutil.cpu_count(logical=False)} cores, {psutil.cpu_count()} threads"
-    return f"CPU {cpu} ({cores}), {ram:.0f} GiB RAM (the machine that rendered this report)"
+    return f"Rendered on CPU {machine.cpu_name()} ({cores}), {ram:.0f} GiB RAM"
 
 
 def _versions() -> str:
