@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
@@ -38,6 +39,34 @@ def client(
     monkeypatch.setenv("LAB_MLFLOW_EXPERIMENT", request.node.name)
     monkeypatch.setenv("LAB_SESSION", f"test-{uuid.uuid4().hex}")
     yield MlflowClient(tracking.tracking_uri())
+
+
+@pytest.fixture
+def dvc(client: MlflowClient, monkeypatch: pytest.MonkeyPatch) -> Iterator[subprocess.Popen[bytes]]:
+    """A stand-in for the `dvc repro` process whose stages this test's stage runs are."""
+    monkeypatch.delenv("LAB_SESSION")
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    monkeypatch.setattr(tracking, "_dvc_process", lambda: psutil.Process(proc.pid))
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def next_session(dvc: subprocess.Popen[bytes], monkeypatch: pytest.MonkeyPatch) -> str:
+    """End the dvc process, then run a stage of a new session, as the next `dvc repro` would."""
+    dvc.kill()
+    dvc.wait()
+    time.sleep(0.05)  # so that "ended when its last child did" differs from "ended now"
+    monkeypatch.setenv("LAB_SESSION", f"next-{uuid.uuid4().hex}")
+    with tracking.stage_run("baseline", "target", {}) as run:
+        pass
+    return run.run_id
+
+
+def dead_pid() -> str:
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          check=True, capture_output=True, text=True)  # fmt: skip
+    return done.stdout.strip()
 
 
 def parent_of(client: MlflowClient, run_id: str) -> Run:
@@ -193,23 +222,124 @@ def test_finish_session_ends_the_parent(client: MlflowClient) -> None:
 
 
 def test_mark_stale_runs_fails_runs_of_dead_processes(client: MlflowClient) -> None:
-    dead = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
     with tracking.stage_run("s", "alive", {}) as alive:  # also creates the experiment
         pass
     experiment_id = client.get_run(alive.run_id).info.experiment_id
     host = socket.gethostname()
-    gone = client.create_run(experiment_id, tags={"host": host, "pid": dead.stdout.strip()})
+    gone = client.create_run(experiment_id, tags={"host": host, "pid": dead_pid()})
     running = client.create_run(experiment_id, tags={"host": host, "pid": str(os.getpid())})
     assert tracking.mark_stale_runs() == 1
     assert client.get_run(gone.info.run_id).info.status == "FAILED"
     assert "is gone" in client.get_run(gone.info.run_id).data.tags["lab.stale_reason"]
     assert client.get_run(running.info.run_id).info.status == "RUNNING"
-    # Old runs with no process to check go by age; the session parent has no pid.
+    # Old runs with no process to check go by age; the session parent has no pid. Its one stage
+    # run finished, so it ends FINISHED.
     assert tracking.mark_stale_runs(max_age_hours=0) >= 1
-    assert parent_of(client, alive.run_id).info.status == "FAILED"
+    assert parent_of(client, alive.run_id).info.status == "FINISHED"
     assert client.get_run(running.info.run_id).info.status == "RUNNING"
+
+
+def test_partial_run_parent_ends_finished_when_dvc_is_gone(
+    client: MlflowClient, dvc: subprocess.Popen[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `dvc repro ksweep`: two stages, no report stage to call finish_session.
+    with tracking.stage_run("baseline", "target", {}) as first:
+        pass
+    with tracking.stage_run("ksweep", "k2", {}) as second:
+        pass
+    parent = parent_of(client, second.run_id)
+    assert parent.info.run_id == parent_of(client, first.run_id).info.run_id
+    assert parent.data.tags["pid"] == str(dvc.pid)
+    assert parent.info.status == "RUNNING"  # dvc still runs: another stage may come
+    assert tracking.mark_stale_runs() == 0
+    later = next_session(dvc, monkeypatch)
+    ended = client.get_run(parent.info.run_id)
+    assert ended.info.status == "FINISHED"
+    assert ended.info.end_time == client.get_run(second.run_id).info.end_time
+    assert f"process {dvc.pid}" in ended.data.tags["lab.stale_reason"]
+    assert parent_of(client, later).info.run_id != parent.info.run_id
+
+
+def test_parent_of_a_failed_stage_ends_failed_when_dvc_is_gone(
+    client: MlflowClient, dvc: subprocess.Popen[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with tracking.stage_run("baseline", "target", {}) as first:
+        pass
+    with pytest.raises(ValueError), tracking.stage_run("ksweep", "k2", {}) as failed:
+        raise ValueError("boom")
+    next_session(dvc, monkeypatch)
+    ended = parent_of(client, first.run_id)
+    assert ended.info.status == "FAILED"
+    assert ended.info.end_time == client.get_run(failed.run_id).info.end_time
+
+
+def test_parent_of_a_sigkilled_stage_ends_failed_when_dvc_is_gone(
+    client: MlflowClient, dvc: subprocess.Popen[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with tracking.stage_run("baseline", "target", {}) as first:
+        pass
+    parent = parent_of(client, first.run_id)
+    # A stage killed by SIGKILL leaves its run RUNNING, tagged with its dead pid.
+    tags = {
+        "host": socket.gethostname(),
+        "pid": dead_pid(),
+        "mlflow.parentRunId": parent.info.run_id,
+    }
+    killed = client.create_run(parent.info.experiment_id, tags=tags).info.run_id
+    next_session(dvc, monkeypatch)
+    assert client.get_run(killed).info.status == "FAILED"
+    assert client.get_run(parent.info.run_id).info.status == "FAILED"
+
+
+def test_full_session_ends_by_its_final_stage(
+    client: MlflowClient, dvc: subprocess.Popen[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with tracking.stage_run("baseline", "target", {}) as run:
+        pass
+    with tracking.final_stage():
+        pass
+    parent = parent_of(client, run.run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.info.end_time >= client.get_run(run.run_id).info.end_time
+    assert "lab.stale_reason" not in parent.data.tags
+    next_session(dvc, monkeypatch)
+    assert client.get_run(parent.info.run_id).data.tags.get("lab.stale_reason") is None
+
+
+def test_final_stage_that_raises_or_follows_a_failed_stage_ends_failed(
+    client: MlflowClient,
+) -> None:
+    with tracking.stage_run("baseline", "target", {}) as run:
+        pass
+    with pytest.raises(RuntimeError), tracking.final_stage():
+        raise RuntimeError("report broke")
+    assert parent_of(client, run.run_id).info.status == "FAILED"
+    # A new parent under the same key: a failed stage item fails it although the report ran.
+    with pytest.raises(ValueError), tracking.stage_run("ksweep", "k2", {}) as failed:
+        raise ValueError("boom")
+    assert parent_of(client, failed.run_id).info.run_id != parent_of(client, run.run_id).info.run_id
+    tracking.finish_session()
+    assert parent_of(client, failed.run_id).info.status == "FAILED"
+    with pytest.raises(ValueError, match="'RUNNING'.*FINISHED, FAILED, KILLED"):
+        tracking.finish_session("RUNNING")
+
+
+def test_stage_run_by_hand_ends_its_parent_at_exit(
+    client: MlflowClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No dvc and no LAB_SESSION: this process owns the parent; atexit ends it.
+    monkeypatch.delenv("LAB_SESSION")
+    monkeypatch.setattr(tracking, "_dvc_process", lambda: None)
+    monkeypatch.setattr(tracking, "_owned_parents", [])
+    at_exit: list[tuple[object, ...]] = []
+    monkeypatch.setattr(tracking.atexit, "register", lambda *call: at_exit.append(call))
+    with tracking.stage_run("baseline", "target", {}) as first:
+        pass
+    with pytest.raises(ValueError), tracking.stage_run("ksweep", "k2", {}) as second:
+        raise ValueError("boom")
+    parent = parent_of(client, first.run_id)
+    assert parent.info.run_id == parent_of(client, second.run_id).info.run_id
+    assert parent.info.status == "RUNNING" and len(at_exit) == 1
+    end_owned_parents, *args = at_exit[0]
+    end_owned_parents(*args)  # type: ignore[operator]
+    assert client.get_run(parent.info.run_id).info.status == "FAILED"

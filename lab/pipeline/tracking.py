@@ -24,7 +24,7 @@ from types import FrameType  # noqa: E402
 from typing import Any  # noqa: E402
 
 import psutil  # noqa: E402
-from mlflow.entities import Metric, Param, Run, RunStatus, ViewType  # noqa: E402
+from mlflow.entities import Metric, Param, Run, ViewType  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
@@ -39,6 +39,7 @@ ROLE_TAG = "lab.role"  # "session" for the parent run, "stage" for a stage item
 PARENT_TAG = "mlflow.parentRunId"  # the tag MLflow's UI nests runs by
 LIBRARIES = ("torch", "transformers", "mlflow", "dvc")
 STALE_AFTER_HOURS = 48.0
+ENDED = ("FINISHED", "FAILED", "KILLED")  # the statuses a run can end with
 
 _SESSION_KEY = re.compile(r"^[\w.:/@+-]+$")
 
@@ -184,20 +185,35 @@ def stage_run(
             run.flush()  # a no-op after a clean exit; keeps a failed run's partial history
         finally:
             client.set_terminated(run_id, status)
-            _note_owned_child(parent_id, status)
 
 
 def finish_session(status: str = "FINISHED") -> None:
-    """End this pipeline run's parent run(s); the last stage (`report`) calls it."""
-    RunStatus.from_string(status)  # raises on a name MLflow does not know
+    """End this session's parent run(s) now: `status`, or FAILED if a stage item did not finish."""
+    if status not in ENDED:
+        raise ValueError(f"finish_session(status={status!r}): use one of {', '.join(ENDED)}")
     client = MlflowClient(tracking_uri())
     experiment_id = _experiment_id(client)
     for run in _session_parents(client, experiment_id, _session().key):
-        client.set_terminated(run.info.run_id, status)
+        final = _outcome(_children(client, run)) if status == "FINISHED" else status
+        client.set_terminated(run.info.run_id, final)
+
+
+@contextmanager
+def final_stage() -> Iterator[None]:
+    """Wrap the pipeline's last stage (`report`), then end the session: FAILED if it raised."""
+    status = "FAILED"
+    try:
+        yield
+        status = "FINISHED"
+    finally:
+        finish_session(status)
 
 
 def mark_stale_runs(max_age_hours: float = STALE_AFTER_HOURS) -> int:
-    """Mark RUNNING runs FAILED whose process on this host is gone, or that are too old."""
+    """End RUNNING runs whose process on this host is gone, or that are too old; returns how many.
+
+    A stage item ends FAILED; a session's parent ends as its children came out (see _end_stale).
+    """
     client = MlflowClient(tracking_uri())
     experiment_id = _experiment_id(client)
     cutoff_ms = _now_ms() - int(max_age_hours * 3600 * 1000)
@@ -205,8 +221,7 @@ def mark_stale_runs(max_age_hours: float = STALE_AFTER_HOURS) -> int:
     for run in _search(client, experiment_id, "attributes.status = 'RUNNING'"):
         reason = _stale_reason(run, cutoff_ms)
         if reason:
-            client.set_tag(run.info.run_id, "lab.stale_reason", reason)
-            client.set_terminated(run.info.run_id, "FAILED")
+            _end_stale(client, run, reason)
             marked += 1
     return marked
 
@@ -216,6 +231,13 @@ def mark_stale_runs(max_age_hours: float = STALE_AFTER_HOURS) -> int:
 # RUNNING run with `lab.role=session`. Searching only RUNNING parents means a session key that
 # comes back later (the same LAB_SESSION, a rerun of an experiment name) starts a new parent
 # once finish_session() or mark_stale_runs() has closed the old one.
+#
+# Ending the parent: no stage knows it is the last of its session (`dvc repro <stage>` and
+# `dvc exp run <targets>` never reach `report`, which calls finish_session). Closing the parent
+# after every stage and reopening it for the next would make it flip FINISHED/RUNNING and would
+# let a recurring session key reopen a closed parent. So a session is over when its owner (the
+# `dvc` process) is gone: the next stage's mark_stale_runs() ends such a parent by its children,
+# FINISHED if every one finished and FAILED otherwise, at the time the last one ended.
 
 
 @dataclass(frozen=True)
@@ -289,24 +311,45 @@ def _session_parents(client: MlflowClient, experiment_id: str, key: str) -> list
     return _search(client, experiment_id, query, order_by=["attributes.start_time ASC"])
 
 
+def _outcome(children: Sequence[Run]) -> str:
+    """FINISHED if there are stage runs and all finished; FAILED if any failed, was killed or
+    still runs (its session is over, so a running child was cut off)."""
+    finished = bool(children) and all(child.info.status == "FINISHED" for child in children)
+    return "FINISHED" if finished else "FAILED"
+
+
+def _children(client: MlflowClient, parent: Run) -> list[Run]:
+    query = f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'"
+    return _search(client, parent.info.experiment_id, query)
+
+
+def _end_stale(client: MlflowClient, run: Run, reason: str) -> None:
+    """A stale stage item ends FAILED; a stale parent by its children, when the last one ended."""
+    client.set_tag(run.info.run_id, "lab.stale_reason", reason)
+    if run.data.tags.get(ROLE_TAG) != "session":
+        client.set_terminated(run.info.run_id, "FAILED")
+        return
+    children = _children(client, run)
+    # A child still RUNNING has no end time yet: then the sweep's own time (None: now) stands.
+    ends = [child.info.end_time for child in children]
+    end_ms = max(ends) if ends and None not in ends else None
+    client.set_terminated(run.info.run_id, _outcome(children), end_time=end_ms)
+
+
 # A parent owned by this very process (a stage script run by hand) ends when the process does.
-_owned_parents: dict[str, str] = {}
+_owned_parents: list[str] = []
 
 
 def _own_parent(client: MlflowClient, run_id: str) -> None:
     if not _owned_parents:
         atexit.register(_end_owned_parents, client)
-    _owned_parents[run_id] = "FINISHED"
-
-
-def _note_owned_child(parent_id: str, status: str) -> None:
-    if parent_id in _owned_parents and status != "FINISHED":
-        _owned_parents[parent_id] = status
+    _owned_parents.append(run_id)
 
 
 def _end_owned_parents(client: MlflowClient) -> None:
-    for run_id, status in _owned_parents.items():
-        client.set_terminated(run_id, status)
+    for run_id in _owned_parents:
+        children = _children(client, client.get_run(run_id))
+        client.set_terminated(run_id, _outcome(children))
     _owned_parents.clear()
 
 
