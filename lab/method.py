@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from lab.drafting.controlled import ControlledDrafter
 from lab.drafting.draft_model import DraftModel
 from lab.drafting.eagle import EagleDrafter
 from lab.drafting.heads import EagleHead, MedusaHeads, vocab_size
@@ -13,6 +14,7 @@ from lab.drafting.medusa import MedusaDrafter
 from lab.drafting.prompt_lookup import PromptLookup
 from lab.drafting.registry import drafter_settings
 from lab.engine import loop
+from lab.engine.caches import DynamicEngine, Engine, StaticEngine
 from lab.engine.controllers import make_controller
 from lab.engine.drafter import Drafter
 from lab.engine.loop import Speculation
@@ -39,29 +41,48 @@ class Method:
         return self.drafter == "none"
 
 
-# What a drafter runs on: the draft model, trained heads (lab.drafting.heads.load), or nothing.
-DraftSource = LoadedModel | MedusaHeads | EagleHead | None
+# What a drafter runs on: the draft model (loaded, or on an engine of its own), trained heads
+# (lab.drafting.heads.load), or nothing.
+DraftSource = LoadedModel | DynamicEngine | StaticEngine | MedusaHeads | EagleHead | None
 
 
-def make_drafter(method: Method, target: LoadedModel, draft: DraftSource) -> Drafter:
-    """A fresh drafter for the method; unknown names list the valid ones."""
+def make_drafter(
+    method: Method,
+    target: LoadedModel,
+    draft: DraftSource,
+    reference: Mapping[tuple[int, ...], Sequence[int]] | None = None,
+) -> Drafter:
+    """A fresh drafter for the method; unknown names list the valid ones.
+
+    reference: the target's greedy continuation per prompt, which only "controlled" reads.
+    """
     name = method.drafter
     settings = drafter_settings(name, **method.drafter_params)
+    if name == "controlled" and isinstance(draft, LoadedModel) and reference is not None:
+        a, seed = settings["acceptance"], settings["seed"]
+        v = vocab_size(target.model)
+        return ControlledDrafter(DraftModel(draft), reference, v, target.device, a, seed)
     if name == "prompt_lookup":
         return PromptLookup(vocab_size(target.model), settings["max_ngram"], target.device)
-    if name == "draft_model" and isinstance(draft, LoadedModel):
+    if name == "draft_model" and isinstance(draft, LoadedModel | DynamicEngine | StaticEngine):
         return DraftModel(draft)
     if name == "medusa" and isinstance(draft, MedusaHeads):
         return MedusaDrafter(target, draft)
     if name == "eagle" and isinstance(draft, EagleHead):
         return EagleDrafter(target, draft)
+    if name == "controlled":  # the continuations come from a greedy run: lab bench's baseline
+        missing = "continuations" if isinstance(draft, LoadedModel) else "draft model"
+        raise ValueError(
+            "drafter 'controlled' needs a draft model and the target's greedy continuations "
+            f"(lab bench --acceptance has both); it got no {missing}"
+        )
     what = "a draft model (models.draft)" if name == "draft_model" else f"trained {name} heads"
     raise ValueError(f"drafter {name!r} needs {what}, got {type(draft).__name__}")
 
 
 def generate_one(
     method: Method,
-    target: LoadedModel,
+    target: LoadedModel | Engine,
     draft: DraftSource,
     ids: list[int],
     max_new_tokens: int,
@@ -81,5 +102,9 @@ def generate_one(
         sampling,
         seed,
         on_tokens,
-        speculation=Speculation(make_drafter(method, target, draft), policy, controller),
+        speculation=Speculation(make_drafter(method, _lm(target), draft), policy, controller),
     )
+
+
+def _lm(target: LoadedModel | Engine) -> LoadedModel:
+    return target if isinstance(target, LoadedModel) else target.lm

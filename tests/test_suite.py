@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from lab.drafting.draft_model import DRAFT_STEP_SIZES
 from lab.engine import loop
+from lab.engine.caches import make_engine
 from lab.engine.model import LoadedModel
 from lab.engine.sampling import SamplingParams
 from lab.method import Method
@@ -75,3 +77,34 @@ def test_a_later_turn_too_long_fails_before_any_generation(
     assert first + n <= limit
     with pytest.raises(ValueError, match="prompt 81#2 .writing.: .*exceeds"):
         suite.run(Method(), qwen2, None, prompts, n, SamplingParams(), 0)
+
+
+# "compiled" is the same StaticEngine with torch.compile'd steps (tests/test_engine.py compiles
+# one); compiling both models here would cost about two minutes of CPU.
+@pytest.mark.parametrize("kind", ["static"])
+def test_fast_engines_for_target_and_draft_match_the_reference(
+    qwen2: LoadedModel, qwen2_draft: LoadedModel, kind: str
+) -> None:
+    prompts = load_suite("builtin", categories=["code", "qa"], per_category=1)
+    method = Method("draft_model", "exact", 3)
+    reference = suite.run(method, qwen2, qwen2_draft, prompts, N, SamplingParams(), 0)
+    max_len = suite.positions(prompts, qwen2, N, 3)
+    target = make_engine(qwen2, kind, max_len, sizes=(1, 4))
+    draft = make_engine(qwen2_draft, kind, max_len, sizes=DRAFT_STEP_SIZES)
+    rows = suite.run(method, target, draft, prompts, N, SamplingParams(), 0)
+    for fast, ref in zip(rows, reference, strict=True):
+        # fp32: every engine gives the reference's tokens, drafts and acceptance, step by step.
+        assert fast["token_ids"] == ref["token_ids"]
+        assert [s["accepted"] for s in fast["steps"]] == [s["accepted"] for s in ref["steps"]]
+
+
+def test_hidden_state_drafters_refuse_a_static_engine() -> None:
+    from lab.pipeline import params as P
+    from lab.pipeline import stage
+
+    default = P.load()
+    static = default.models.model_copy(update={"engine": "static"})
+    params = default.model_copy(update={"models": static})
+    eagle = Method("eagle", "exact", 4, drafter_params={"heads": "x"})
+    with pytest.raises(ValueError, match="only the dynamic engine returns"):
+        stage._generate(params, eagle, "", None)

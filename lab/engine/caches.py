@@ -276,6 +276,22 @@ def cache_length(prompts: list[list[int]], max_new_tokens: int, max_k: int) -> i
     return max(map(len, prompts)) + max_new_tokens + max_k + 1
 
 
+ENGINES = ("dynamic", "static", "compiled")
+
+
+def make_engine(
+    lm: LoadedModel, kind: str, max_len: int | None = None, sizes: Iterable[int] = ()
+) -> DynamicEngine | StaticEngine:
+    """The engine named kind for lm; static and compiled need max_len (see cache_length)."""
+    if kind == "dynamic":
+        return DynamicEngine(lm)
+    if kind not in ENGINES:
+        raise ValueError(f"unknown engine {kind!r}: use one of {', '.join(ENGINES)}")
+    if max_len is None:
+        raise ValueError(f"a {kind} engine needs max_len: prompt + max_new_tokens + K + 1")
+    return StaticEngine(lm, max_len, compile=kind == "compiled", sizes=sizes)
+
+
 def engine_for(lm: LoadedModel | Engine) -> Engine:
     """An engine as given, or the reference DynamicEngine around a loaded model."""
     return DynamicEngine(lm) if isinstance(lm, LoadedModel) else lm

@@ -30,7 +30,6 @@ from lab.engine.policies import POLICIES, make_policy
 from lab.engine.sampling import SamplingParams
 from lab.pipeline.perplexity import check_window
 from lab.prompts import BUILTIN_TRAIN, Prompt, load_suite
-from lab.report.load import ReportSettings
 
 
 class ParamsError(ValueError):
@@ -140,6 +139,11 @@ class Models(Section):
     scorer: ModelName
     device: Annotated[str, _checked(_device)] | None = None
     dtype: Annotated[str, _checked(_dtype)] | None = None
+    # The target's (and draft model's) engine: dynamic (the HF cache, the reference), static
+    # (a preallocated cache, fixed-shape steps) or compiled (static + torch.compile/CUDA graphs).
+    engine: Annotated[
+        Literal["dynamic", "static", "compiled"], _allowed("dynamic, static or compiled")
+    ] = "dynamic"
 
     def placement(self) -> Placement:
         return {"device": self.device, "dtype": self.dtype}
@@ -357,6 +361,8 @@ class Params(Section):
         return {
             "target": self.models.target,
             **self.models.placement(),
+            # Only when not the reference engine, so dynamic-engine configs stay as they were.
+            **({"engine": self.models.engine} if self.models.engine != "dynamic" else {}),
             "prompts": self.prompts.model_dump(),
             "generation": self.generation.model_dump(),
             "seed": self.seed,
@@ -366,16 +372,6 @@ class Params(Section):
             # present when on, so unprofiled configs (and reusing their runs) stay as they were.
             **({"profile": True} if self.profile else {}),
         }
-
-    def report_settings(self) -> ReportSettings:
-        """What the (torch-free) report needs of params."""
-        return ReportSettings(
-            seed=self.seed,
-            bootstrap_samples=self.report.bootstrap_samples,
-            draft=self.models.draft,
-            scorer=self.models.scorer,
-            planned=self.run_settings(),
-        )
 
 
 # --- pipelines/http/params.yaml ------------------------------------------------------------------

@@ -11,11 +11,13 @@ import pandas as pd
 
 from lab import machine, models
 from lab.drafting import heads
+from lab.drafting.draft_model import DRAFT_STEP_SIZES
+from lab.engine.caches import make_engine
 from lab.engine.policies import get_policy
 from lab.method import DraftSource, Method
 from lab.pipeline import params as P
 from lab.pipeline import profiling, store, suite, tracking
-from lab.pipeline.lossless import lossless_check
+from lab.pipeline.lossless import check_verdicts, lossless_check
 from lab.stats import summarize
 
 EXPERIMENTS = Path("experiments")
@@ -39,29 +41,44 @@ def _generate(
     params: P.Params, method: Method, desc: str, profile_dir: Path | None
 ) -> list[dict[str, Any]]:
     """Load the models a method needs and run it over the prompt suite (profiled into a dir)."""
+    kind = params.models.engine
+    if kind != "dynamic" and method.drafter in heads.KINDS:
+        raise ValueError(
+            f"drafter {method.drafter!r} reads the target's hidden states, which only the "
+            f"dynamic engine returns: set models.engine: dynamic (it is {kind!r})"
+        )
     target = models.load(params.models.target, **params.models.placement())
+    gen, run, prompts = params.generation, params.run, params.prompts.suite()
+    k_max = max(method.k, int(method.controller_params.get("max_k", method.k)))
+    max_len = suite.positions(prompts, target, gen.max_new_tokens, k_max)
+    engine = make_engine(target, kind, max_len, sizes=sorted({1, k_max + 1}))
     draft: DraftSource = None
     if method.drafter == "draft_model":
         models.check_pair(target.name, params.models.draft)
-        draft = models.load(params.models.draft, **params.models.placement())
+        loaded = models.load(params.models.draft, **params.models.placement())
+        draft = make_engine(loaded, kind, max_len, sizes=DRAFT_STEP_SIZES)
     elif method.drafter in heads.KINDS:
         draft = heads.load(method.drafter_params["heads"], target, kind=method.drafter)
-    gen, run = params.generation, params.run
     return suite.run(
-        method, target, draft, params.prompts.suite(), gen.max_new_tokens, gen.sampling(),
+        method, engine, draft, prompts, gen.max_new_tokens, gen.sampling(),
         params.seed, run.repetitions, run.warmup, desc=desc, profile_dir=profile_dir,
     )  # fmt: skip
 
 
 def _lossless(
-    params: P.Params, method: Method, rows: pd.DataFrame, base: store.Item | None
+    params: P.Params, method: Method, rows: pd.DataFrame, base: store.Item | None, name: str
 ) -> pd.DataFrame | None:
-    """Per-prompt identity with the baseline, for lossless methods under greedy decoding."""
+    """Per-prompt verdict against the baseline (lossless methods, greedy); raise on a violation."""
     greedy = params.generation.sampling().greedy
     if base is None or not get_policy(method.policy).lossless or not greedy:
         return None
     target = models.load(params.models.target, **params.models.placement())
-    return lossless_check(target, rows, base.rows)
+    check = lossless_check(target, rows, base.rows)
+    # Raised before run() calls store.write_item, on purpose: the item's previous files stay
+    # as they were (nothing already written is lost or corrupted), DVC records no new output,
+    # and no violating result can reach the report. The message carries what lossless.csv would.
+    check_verdicts(name, check)
+    return check
 
 
 def run(
@@ -89,7 +106,7 @@ def run(
         steps = store.step_frame(rows)
         metrics = summarize(frame, steps, params.seed, base.rows if base else None)
         if same is None:
-            lossless = _lossless(params, method, frame, base)
+            lossless = _lossless(params, method, frame, base, f"{stage}/{item}")
         if profile_dir is not None:
             profiling.write_breakdown(profile_dir, steps)
         store.write_item(out, config, rows, metrics, lossless, profile_dir)

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from lab.engine.caches import Engine
 from lab.engine.model import LoadedModel
 from lab.engine.records import PromptResult
 from lab.engine.sampling import SamplingParams
@@ -26,7 +27,7 @@ REFERENCE = Method()
 
 def run(
     method: Method,
-    target: LoadedModel,
+    target: LoadedModel | Engine,
     draft: DraftSource,
     prompts: list[Prompt],
     max_new_tokens: int,
@@ -42,8 +43,9 @@ def run(
     A row is the method's generation plus `ref_*` fields of its reference. profile_dir:
     torch.profiler over the timed method generations (not the warm-up), written there.
     """
-    _check(prompts, target, max_new_tokens)
-    first = encode(prompts[0], target.tokenizer)
+    lm = target if isinstance(target, LoadedModel) else target.lm
+    _check(prompts, lm, max_new_tokens)
+    first = encode(prompts[0], lm.tokenizer)
     for _ in range(warmup):
         # First calls pay one-off allocation, dispatch and per-shape kernel set-up: both arms
         # run a full-length generation first, so they meet the step shapes they are timed on.
@@ -54,11 +56,11 @@ def run(
     order = iter(np.random.default_rng(seed).permutation(np.arange(pairs) % 2 == 0).tolist())
     rows: list[dict[str, Any]] = []
     # The profile (opt-in, for diagnosis) spans both arms: a pair is one unit of work.
-    with profiling.profiled(profile_dir, target.device):
+    with profiling.profiled(profile_dir, lm.device):
         for prompt in tqdm(prompts, desc=desc, unit="prompt"):
             answers: list[str] = []  # a later turn follows the method's own earlier answers
             for turn in range(len(prompt.turns)):
-                ids = encode(prompt, target.tokenizer, answers=answers)
+                ids = encode(prompt, lm.tokenizer, answers=answers)
                 for rep in range(repetitions):
                     method_first = next(order)
                     result, ref = _pair(
@@ -77,6 +79,16 @@ def turn_id(prompt: Prompt, turn: int) -> str:
     return str(prompt.question_id) if turn == 0 else f"{prompt.question_id}#{turn + 1}"
 
 
+def positions(prompts: list[Prompt], lm: LoadedModel, max_new_tokens: int, k_max: int) -> int:
+    """Cache positions enough for any turn of any prompt, its answer and one K+1 verify step."""
+    longest = max(
+        len(encode(p, lm.tokenizer, answers=[""] * turn)) + turn * max_new_tokens
+        for p in prompts
+        for turn in range(len(p.turns))
+    )
+    return longest + max_new_tokens + k_max + 1
+
+
 def _check(prompts: list[Prompt], target: LoadedModel, max_new_tokens: int) -> None:
     """Every prompt fits the model, each turn counting every earlier answer at full length."""
     for prompt in prompts:
@@ -93,7 +105,7 @@ def _check(prompts: list[Prompt], target: LoadedModel, max_new_tokens: int) -> N
 
 def _pair(
     method: Method,
-    target: LoadedModel,
+    target: LoadedModel | Engine,
     draft: DraftSource,
     ids: list[int],
     max_new_tokens: int,
