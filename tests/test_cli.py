@@ -19,7 +19,7 @@ def no_weights(monkeypatch):
     monkeypatch.setattr(models, "load", refuse)
 
 
-GEN = ["generate", "--target", "tiny-random-llama", "--prompt", "hi"]
+GEN = ["generate", "--target", "tiny-random-llama", "--dtype", "float32", "--prompt", "hi"]
 
 
 @pytest.mark.parametrize(

@@ -54,8 +54,8 @@ from lab.serve.load import (
 )
 from tests.smoke import ROOT, smoke_params
 
-SERVE_ARGS = ["--target", "tiny-random-qwen2", "--device", "cpu", "--threads", "1",
-              "--max-queue", "3", "--max-new-tokens", "400"]  # fmt: skip
+SERVE_ARGS = ["--target", "tiny-random-qwen2", "--device", "cpu", "--dtype", "float32",
+              "--threads", "1", "--max-queue", "3", "--max-new-tokens", "400"]  # fmt: skip
 PROMPTS = [Prompt(i, "qa", (text,)) for i, text in enumerate(("hello", "def f(x):", "1 + 1 ="))]
 
 
