@@ -1,4 +1,4 @@
-"""The `lab` command: models, generate, bench, ui, serve, loadtest."""
+"""The `lab` command: models, generate, bench, bench-engine, ui, serve, loadtest."""
 
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_model_args(g)
     g.add_argument(
-        "--drafter", default=None, choices=list(DRAFTERS),
+        "--drafter", default=None, choices=[d for d in DRAFTERS if d != "controlled"],
         help="draft mode (default: draft_model with --draft, else plain decoding); medusa and "
         "eagle read trained heads from --heads",
     )  # fmt: skip
@@ -129,15 +129,42 @@ def _parser() -> argparse.ArgumentParser:
         "--ks", type=int, nargs="+", default=None, metavar="K",
         help="oracle speed-up against its bound (K+1) t_decode / t_verify(K+1) for each K",
     )  # fmt: skip
+    b.add_argument(
+        "--acceptance", type=float, nargs="+", default=[], metavar="A",
+        help="also run lab's loop with the controlled drafter (the draft model's forwards, the "
+        "target's token with probability A) per A, against Leviathan's prediction",
+    )  # fmt: skip
     b.add_argument("--warmup-tokens", type=int, default=None,
                    help="warm-up run length (default: --max-new-tokens)")  # fmt: skip
     b.add_argument("--out", default=None, help="write flat JSON rows + raw/ here (experiments/gpu)")
     b.add_argument("--tag", default=None, help="file prefix under --out (default: device-model)")
 
+    _add_bench_engine(sub)
     u = sub.add_parser("ui", help="MLflow UI over this repo's runs, on 127.0.0.1")
     u.add_argument("--port", type=int, default=5000)
     _add_http_commands(sub)
     return parser
+
+
+def _add_bench_engine(sub: Any) -> None:
+    """`lab bench-engine`: read bandwidth, decode, forward cost of 1..9 tokens, c, prefill."""
+    e = sub.add_parser(
+        "bench-engine", help="engine benchmark: bandwidth limit, verify cost, c, prefill"
+    )
+    e.add_argument("--target", default=DEFAULT_TARGET, help="model name (random-* too)")
+    e.add_argument("--draft", default=None, help="draft model, for c (omit: no c)")
+    e.add_argument("--device", default=None, help="cuda or cpu (default: best available)")
+    e.add_argument("--dtypes", nargs="+", default=[None], help="default: the device's dtype")
+    e.add_argument("--engines", nargs="+", default=["dynamic", "static", "compiled"])
+    e.add_argument("--prompt-tokens", type=int, default=128, help="cache length of the forwards")
+    e.add_argument("--prefill-tokens", type=int, default=256)
+    e.add_argument("--repeats", type=int, default=9, help="rounds of the forward sizes")
+    e.add_argument("--decode-steps", type=int, default=32)
+    e.add_argument("--bandwidth-mib", type=int, default=None,
+                   help="streamed buffer (default: 1024 on CPU, 4096 on GPU)")  # fmt: skip
+    e.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    e.add_argument("--out", default="experiments/engine", help="writes <out>/<machine>/*.json")
+    e.add_argument("--json", action="store_true", help="print the entries as one JSON list")
 
 
 def _add_http_commands(sub: Any) -> None:
@@ -302,12 +329,15 @@ def _cmd_bench(args: argparse.Namespace) -> None:
         make_controller("fixed", k)  # validates every K
     if args.warmup_tokens is not None and args.warmup_tokens <= 0:
         raise ValueError(f"--warmup-tokens must be a positive integer, got {args.warmup_tokens}")
+    for a in args.acceptance:
+        drafter_settings("controlled", acceptance=a)  # each in [0, 1]
     prompts = load_suite(args.prompts, args.categories, args.per_category)
     target, draft = _load_bench_pair(args)
     ids = [encode(p, target.tokenizer) for p in prompts]
     result = bench.run(
         target, draft, ids, args.k, args.max_new_tokens, args.warmup_tokens,
         oracle=args.oracle, static_cache=args.static_cache, compile=args.compile, ks=args.ks,
+        acceptance=args.acceptance,
     )  # fmt: skip
     if args.out:
         tag = args.tag or results.default_tag(result)
@@ -338,6 +368,44 @@ def _cmd_bench(args: argparse.Namespace) -> None:
                 f"(decoding {row['decode_speedup']:.2f}x), bound {row['bound']:.2f}x, "
                 f"acceptance {row['acceptance_rate']:.2f}"
             )
+    for info in result["methods"].values():
+        if info.get("acceptance") is not None:
+            print(bench.controlled_line(info))
+
+
+def _cmd_bench_engine(args: argparse.Namespace) -> None:
+    import torch
+
+    from lab.bench import engine
+    from lab.models import random as random_models
+
+    engine.check_engines(args.engines)
+    settings = engine.Settings(
+        args.prompt_tokens, args.prefill_tokens, args.repeats, args.decode_steps,
+        bandwidth_bytes=None if args.bandwidth_mib is None else args.bandwidth_mib * 2**20,
+    )  # fmt: skip
+    random_models.check_name(args.target)
+    if args.draft:
+        random_models.check_name(args.draft)
+    for dtype in args.dtypes:
+        if dtype is not None:
+            models.resolve_dtype(torch.device("cpu"), dtype)  # an unknown name fails here
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = models.resolve_device(args.device)
+
+    def load(name: str, dtype: str | None) -> models.LoadedModel:
+        return random_models.load(name, str(device), dtype)
+
+    entries = engine.run(load, args.target, args.draft, args.dtypes, args.engines, device,
+                         settings)  # fmt: skip
+    for path in engine.write(entries, Path(args.out)):
+        print(f"wrote {path}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(entries))
+        return
+    for entry in entries:
+        print(engine.summary_line(entry))
 
 
 def _cmd_ui(args: argparse.Namespace) -> None:
@@ -409,7 +477,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `lab` console script."""
     args = _parser().parse_args(argv)
     commands = {"models": _cmd_models, "generate": _cmd_generate, "bench": _cmd_bench,
-                "ui": _cmd_ui, "serve": _cmd_serve, "loadtest": _cmd_loadtest}  # fmt: skip
+                "bench-engine": _cmd_bench_engine, "ui": _cmd_ui, "serve": _cmd_serve,
+                "loadtest": _cmd_loadtest}  # fmt: skip
     try:
         commands[args.command](args)
     except (ValueError, packaged.ModelPackageError) as err:

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # code path, not its numbers, and every item is a process that loads torch.
 SMOKE = {
     "models": {"target": "tiny-random-qwen2", "draft": "tiny-random-qwen2-draft",
-               "scorer": "tiny-random-qwen2", "device": "cpu", "dtype": None},
+               "scorer": "tiny-random-qwen2", "device": "cpu", "dtype": "float32"},
     "prompts": {"per_category": 1},
     "generation": {"max_new_tokens": 12},
     "ksweep": {"ks": [1, 2, 4]},
@@ -53,10 +53,10 @@ def _merge(base: dict[str, Any], layer: dict[str, Any]) -> None:
 
 
 def run(
-    cmd: list[str], cwd: Path, env: dict[str, str], check: bool = True
+    cmd: list[str], cwd: Path, env: dict[str, str], check: bool = True, timeout: float = 900
 ) -> subprocess.CompletedProcess[str]:
     """Run a command; on failure (when checked) fail with the end of its output."""
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check:
         assert result.returncode == 0, (
             f"{cmd} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"

@@ -60,6 +60,7 @@ def test_mlflow_runs_with_step_histories(smoke: Repo) -> None:
     path = smoke.path
     client = MlflowClient(f"sqlite:///{path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("smoke")
+    assert experiment is not None
     runs = client.search_runs([experiment.experiment_id], max_results=1000)
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     stages = {r.data.tags["stage"] for r in children}
@@ -114,6 +115,7 @@ def test_param_experiment_differs_and_is_tagged(smoke_copy: Repo) -> None:
 
     client = MlflowClient(f"sqlite:///{path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("smoke")
+    assert experiment is not None
     query = f"tags.`dvc.exp_name` = '{name}'"
     runs = client.search_runs([experiment.experiment_id], query, max_results=1000)
     children = {

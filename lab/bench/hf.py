@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from lab.bench import roofline
 from lab.bench.results import environment
+from lab.drafting.controlled import expected_accepted, expected_tau
 from lab.drafting.draft_model import DraftModel
 from lab.drafting.oracle import OracleDrafter, RunOracle, settle
 from lab.engine import caches, loop
@@ -23,8 +24,9 @@ from lab.engine.controllers import FixedK
 from lab.engine.loop import Speculation
 from lab.engine.model import LoadedModel
 from lab.engine.policies import get_policy
-from lab.engine.records import PromptResult
+from lab.engine.records import PromptResult, cost_ratio, mean_accepted_length, predicted_speedup
 from lab.engine.session import Clock
+from lab.method import Method, make_drafter
 from lab.stats import step_breakdown
 
 ORACLE = "lab_speculative_oracle"
@@ -35,12 +37,22 @@ class BenchMethod:
     """What a benchmarked method runs on, and what its speed-up is measured against."""
 
     cache: str  # hf-dynamic (HF generate's own), dynamic, static or static+compiled
-    drafter: str | None  # a draft model's name, "oracle", or None for plain decoding
+    drafter: str | None  # a draft model's name, "oracle", "controlled", or None for plain decoding
     reference: str | None  # the method whose tokens/s its speed-up divides by
+    acceptance: float | None = None  # the controlled drafter's a
+
+
+def controlled_name(a: float, static: bool = False) -> str:
+    """The bench method of the controlled drafter at acceptance a, e.g. ..._controlled_a0.7."""
+    return f"lab_speculative_controlled_a{a:g}" + ("_static" if static else "")
 
 
 def methods(
-    draft: str, oracle: bool = False, static_cache: bool = False, compile: bool = False
+    draft: str,
+    oracle: bool = False,
+    static_cache: bool = False,
+    compile: bool = False,
+    acceptance: Sequence[float] = (),
 ) -> dict[str, BenchMethod]:
     """The methods one bench run times, in the order it runs them on each prompt."""
     static = "static+compiled" if compile else "static"
@@ -52,6 +64,8 @@ def methods(
     }
     if oracle:  # after lab_baseline, whose outputs it replays
         out[ORACLE] = BenchMethod("dynamic", "oracle", "lab_baseline")
+    for a in acceptance:  # after lab_baseline too: its outputs are the right tokens
+        out[controlled_name(a)] = BenchMethod("dynamic", "controlled", "lab_baseline", a)
     if static_cache or compile:
         out["lab_baseline_static"] = BenchMethod(static, None, "lab_baseline")
         out["lab_speculative_static"] = BenchMethod(static, draft, "lab_baseline_static")
@@ -59,6 +73,9 @@ def methods(
             out["lab_speculative_oracle_static"] = BenchMethod(
                 static, "oracle", "lab_baseline_static"
             )
+        for a in acceptance:
+            name = controlled_name(a, static=True)
+            out[name] = BenchMethod(static, "controlled", "lab_baseline_static", a)
     return out
 
 
@@ -120,12 +137,31 @@ class OracleRunner:
         return self.run(oracle, ids, n)
 
 
+def _controlled(
+    path: StaticEngine | LoadedModel, target: LoadedModel, draft: LoadedModel, k: int, a: float
+) -> RunOracle:
+    """Lab's loop with the controlled drafter at acceptance a, right tokens from the oracle's.
+
+    It runs as an oracle method (OracleRunner: settled untimed, then timed), so its right tokens
+    are those this path's verification chooses, and a is the acceptance it measures.
+    """
+    method = Method("controlled", k=k, drafter_params={"acceptance": a})
+    exact = get_policy("exact")
+
+    def run(oracle: OracleDrafter, ids: list[int], n: int) -> PromptResult:
+        drafter = make_drafter(method, target, draft, reference=oracle.continuations)
+        return loop.generate(path, ids, n, speculation=Speculation(drafter, exact, FixedK(k)))
+
+    return run
+
+
 def _runners(
     target: LoadedModel,
     draft: LoadedModel,
     k: int,
     engine: StaticEngine | None,
     baselines: Baselines,
+    acceptance: Sequence[float] = (),
 ) -> dict[str, Callable[[list[int], int], Any]]:
     """Each method as f(prompt_ids, max_new_tokens) -> token ids (or lab's full result)."""
     exact = get_policy("exact")
@@ -142,6 +178,13 @@ def _runners(
         ),
         ORACLE: OracleRunner(dynamic, target, "lab_baseline", baselines),
     }
+    for a in acceptance:
+        run_a = _controlled(target, target, draft, k, a)
+        runners[controlled_name(a)] = OracleRunner(run_a, target, "lab_baseline", baselines)
+        if engine is not None:
+            run_a = _controlled(engine, target, draft, k, a)
+            name = controlled_name(a, static=True)
+            runners[name] = OracleRunner(run_a, target, "lab_baseline_static", baselines)
     if engine is not None:
 
         def static(oracle: OracleDrafter, ids: list[int], n: int) -> PromptResult:
@@ -222,6 +265,50 @@ def _method_summary(
     }
 
 
+def _controlled_summary(
+    a: float, k: int, results: list[PromptResult], baseline: list[PromptResult]
+) -> dict[str, Any]:
+    """The controlled drafter at a against its prediction: tau, c and Leviathan's speed-up.
+
+    c is draft ms per drafted token over the same-engine baseline's ms per decode step; Leviathan's
+    alpha is the per-token acceptance probability, a itself (not the acceptance rate, which is
+    below a for K > 1). decode_speedup is the decode rate's (no prefill), which is what the
+    formula predicts.
+    """
+    steps = [s for r in results for s in r.steps]
+    base = [s for r in baseline for s in r.steps]
+    decode_ms = sum(s.step_ms for s in base) / len(base)
+    c = cost_ratio(steps, decode_ms)
+    verify_ms = sum(s.verify_ms for s in steps) / len(steps)
+    rate, base_rate = roofline.decode_tokens_per_s(results), roofline.decode_tokens_per_s(baseline)
+    return {
+        "acceptance": a,
+        "expected_acceptance_rate": expected_accepted(a, k) / k,
+        "tau": mean_accepted_length(steps),
+        "expected_tau": expected_tau(a, k),
+        "c": c,
+        "verify_over_decode": verify_ms / (sum(s.verify_ms for s in base) / len(base)),
+        "decode_speedup": rate / base_rate if rate and base_rate else None,
+        "predicted_speedup": predicted_speedup(a, k, c) if c is not None else None,
+    }
+
+
+def controlled_line(info: dict[str, Any]) -> str:
+    """One line of lab bench's output for a controlled method's summary."""
+
+    def x(value: float | None, digits: int = 2) -> str:
+        return "n/a" if value is None else f"{value:.{digits}f}"
+
+    return (
+        f"controlled a={info['acceptance']:g} on {info['cache']}: speed-up "
+        f"{x(info['speedup'])}x (decoding {x(info['decode_speedup'])}x), Leviathan "
+        f"{x(info['predicted_speedup'])}x at c={x(info['c'], 3)}; acceptance rate "
+        f"{x(info['acceptance_rate'], 3)} (expected {x(info['expected_acceptance_rate'], 3)}), "
+        f"tau {x(info['tau'])} (expected {x(info['expected_tau'])}), "
+        f"verify/decode {x(info['verify_over_decode'])}"
+    )
+
+
 @torch.inference_mode()
 def run(
     target: LoadedModel,
@@ -235,19 +322,22 @@ def run(
     static_cache: bool = False,
     compile: bool = False,
     ks: list[int] | None = None,
+    acceptance: Sequence[float] = (),
 ) -> dict[str, Any]:
     """Time every method on every prompt in one process; tokens/s, ratios and token identity.
 
     oracle adds lab's loop driven by the oracle drafter; static_cache (compile) adds lab's loops
     on a StaticCache (captured as CUDA graphs); ks measures the oracle's speed-up against its
-    bound (K+1) * t_decode / t_verify(K+1) for each K, on every lab cache path.
+    bound (K+1) * t_decode / t_verify(K+1) for each K, on every lab cache path; acceptance adds,
+    per a and lab cache path, the controlled drafter (the draft model's cost, acceptance a)
+    against Leviathan's prediction.
     """
-    table = methods(draft.name, oracle, static_cache, compile)
+    table = methods(draft.name, oracle, static_cache, compile, acceptance)
     baselines: Baselines = {"lab_baseline": {}, "lab_baseline_static": {}}
     engine = None
     if static_cache or compile:
         engine = _static_engine(target, prompts, [k, *(ks or [])], max_new_tokens, compile)
-    runners = _runners(target, draft, k, engine, baselines)
+    runners = _runners(target, draft, k, engine, baselines, acceptance)
     clock = Clock(target.device)
     seconds = dict.fromkeys(table, 0.0)
     tokens: dict[str, list[list[int]]] = {m: [] for m in table}
@@ -293,6 +383,10 @@ def run(
     for m, runner in runners.items():
         if isinstance(runner, OracleRunner) and m in summaries:
             summaries[m]["settle_passes"] = max(runner.passes)
+    for m, spec in table.items():
+        if spec.acceptance is not None and spec.reference is not None:
+            base = lab_results[spec.reference]
+            summaries[m] |= _controlled_summary(spec.acceptance, k, lab_results[m], base)
     limit = roofline.bandwidth_limit(target)
     result: dict[str, Any] = {
         "target": target.name,

@@ -4,26 +4,30 @@ from __future__ import annotations
 
 from typing import Any
 
+from lab.drafting.controlled import ControlledDrafter, check_settings
 from lab.drafting.draft_model import DraftModel
 from lab.drafting.eagle import EagleDrafter
 from lab.drafting.medusa import MedusaDrafter
 from lab.drafting.prompt_lookup import PromptLookup
 
 DRAFTERS: dict[str, type[DraftModel] | type[PromptLookup] | type[MedusaDrafter]
-               | type[EagleDrafter]] = {
+               | type[EagleDrafter] | type[ControlledDrafter]] = {
     "draft_model": DraftModel,
     "prompt_lookup": PromptLookup,
     "medusa": MedusaDrafter,
     "eagle": EagleDrafter,
+    "controlled": ControlledDrafter,
 }  # fmt: skip
 
 # Each drafter's settings with their defaults (params.yaml drafters.params.<name>, the CLI).
 # heads: the folder of trained heads (lab.drafting.heads.save) that the pipeline and the CLI load.
+# controlled: the draft model's cost at a chosen per-token acceptance (lab bench --acceptance).
 DRAFTER_SETTINGS: dict[str, dict[str, Any]] = {
     "draft_model": {},
     "prompt_lookup": {"max_ngram": 3},
     "medusa": {"heads": None},
     "eagle": {"heads": None},
+    "controlled": {"acceptance": 0.7, "seed": 0},
 }
 
 
@@ -46,4 +50,6 @@ def drafter_settings(name: str, **params: Any) -> dict[str, Any]:
             f"drafter {name!r}: heads must be the folder of its trained heads "
             f"(e.g. experiments/heads/{name}), got {heads!r}"
         )
+    if name == "controlled":
+        check_settings(settings["acceptance"], settings["seed"])
     return settings

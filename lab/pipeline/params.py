@@ -95,7 +95,8 @@ PerCategory = Annotated[
 ]
 ModelName = Annotated[str, _checked(models.check_name)]
 PolicyName = Annotated[str, _one_of(POLICIES, "policy")]
-DrafterName = Annotated[str, _one_of(DRAFTERS, "drafter")]
+# "controlled" drafts from the target's own greedy continuations, which only lab bench computes.
+DrafterName = Annotated[str, _one_of([d for d in DRAFTERS if d != "controlled"], "drafter")]
 ControllerName = Annotated[str, _one_of(CONTROLLERS, "controller")]
 HeadKind = Annotated[str, _one_of(heads.KINDS, "head kind")]
 # name -> its settings; null is the same as {}

@@ -19,6 +19,10 @@ PROMPTS = "prompts.jsonl"  # one line per prompt and repetition: summary, tokens
 STEPS = "steps.csv"  # one row per step: question_id, repetition and the StepRecord fields
 METRICS = "metrics.json"  # summary metrics (DVC metrics)
 LOSSLESS = "lossless.csv"  # per prompt, for lossless methods: identical to baseline or where not
+# lossless.csv's columns (lab.pipeline.lossless writes them; verdict: identical, numerics or
+# violation).
+LOSSLESS_COLUMNS = ("question_id", "identical", "first_diff", "logit_margin", "fork_gap",
+                    "tolerance", "verdict")  # fmt: skip
 PROFILE = "profile"  # folder, only when profiled: trace.json, top_ops.csv, step_breakdown.csv
 
 
@@ -54,7 +58,7 @@ def write_item(
     (tmp / METRICS).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     # Always written (empty when not applicable) so DVC can declare it for every item.
     if lossless is None:
-        lossless = pd.DataFrame(columns=["question_id", "identical", "first_diff", "logit_margin"])
+        lossless = pd.DataFrame(columns=list(LOSSLESS_COLUMNS))
     lossless.to_csv(tmp / LOSSLESS, index=False)
     _replace_dir(tmp, out_dir)
 

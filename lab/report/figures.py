@@ -109,3 +109,20 @@ def position_figure(data: pd.DataFrame) -> Figure:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=7)
     return fig
+
+
+def forward_cost_figure(data: pd.DataFrame) -> Figure:
+    """One line per engine configuration: a forward's cost relative to one token, against n."""
+    fig = Figure(figsize=(6.5, 4), layout="constrained")
+    ax = fig.subplots()
+    for name, part in data.groupby("line", sort=False):
+        ax.plot(part["tokens"], part["ratio"], "o-", label=str(name))
+    ax.axhline(1.0, color="grey", lw=0.8)  # Leviathan's assumption: verifying costs one decode
+    ax.set(
+        xlabel="tokens in the forward (n = K + 1 when verifying K drafts)",
+        ylabel="forward time / one-token forward time (x)",
+        xticks=sorted(data["tokens"].unique()),
+    )
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=7)
+    return fig

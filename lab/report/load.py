@@ -29,9 +29,13 @@ METRIC_KEYS = ("prompts", "new_tokens", "tokens_per_s", "ttft_ms", "peak_rss_mb"
                "acceptance_rate", "mean_accepted_length", "mean_k")  # fmt: skip
 SPEC_METRIC_KEYS = ("speedup", "speedup_ci_low", "speedup_ci_high", "speedup_n",
                     "throughput_ratio", "greedy_match_rate", "cost_ratio")  # fmt: skip
-LOSSLESS_COLUMNS = ("question_id", "identical", "first_diff", "logit_margin")
+LOSSLESS_COLUMNS = store.LOSSLESS_COLUMNS  # verdict included: older files must be regenerated
 OUTPUTS_COLUMNS = ("stage", "item", "question_id", "tokens", "perplexity")
 CORPUS_COLUMNS = ("model", "role", "tokens", "perplexity")
+# What each experiments/engine/<machine>/*.json (lab.bench.engine) must carry.
+ENGINE_KEYS = ("device", "model", "dtype", "engine", "decode_tokens_per_s",
+               "fraction_of_bandwidth_limit", "verify_over_decode_k4", "c",
+               "prefill_tokens_per_s", "forward")  # fmt: skip
 
 
 class ReportError(ValueError):
@@ -58,6 +62,7 @@ class Results:
     outputs_ppl: pd.DataFrame | None  # perplexity/outputs.csv
     corpus_ppl: pd.DataFrame | None  # perplexity/corpus.csv
     gpu: pd.DataFrame | None  # gpu/*.json, one row per file
+    engine: pd.DataFrame | None  # engine/<machine>/*.json (lab bench-engine), one row per file
     http: pd.DataFrame  # loadtest/<item>/, one row per load run (pipelines/http); may be empty
 
     @property
@@ -149,6 +154,23 @@ def _gpu(folder: Path) -> pd.DataFrame | None:
     return pd.DataFrame(rows) if rows else None
 
 
+def _engine(folder: Path) -> pd.DataFrame | None:
+    """experiments/engine/<machine>/*.json, one row per file; `forward` stays a list of dicts."""
+    rows = []
+    for path in sorted(folder.glob("*/*.json")):
+        data = _read_json(path)
+        if not isinstance(data, dict):
+            raise ReportError(f"{path}: expected a JSON object")
+        _require(path, data, ENGINE_KEYS, "keys")
+        forward = data["forward"]
+        if not isinstance(forward, list) or not all(
+            isinstance(f, dict) and {"tokens", "ms", "ratio"} <= f.keys() for f in forward
+        ):
+            raise ReportError(f"{path}: 'forward' must be a list of {{tokens, ms, ratio}} objects")
+        rows.append({"file": f"{path.parent.name}/{path.stem}", **data})
+    return pd.DataFrame(rows) if rows else None
+
+
 def load_results(experiments: Path) -> Results:
     """Every item and side file present under experiments/ (absent stages are simply missing)."""
     items: dict[str, list[Item]] = {}
@@ -168,6 +190,7 @@ def load_results(experiments: Path) -> Results:
         outputs_ppl=read_csv(experiments / "perplexity" / "outputs.csv", OUTPUTS_COLUMNS),
         corpus_ppl=read_csv(experiments / "perplexity" / "corpus.csv", CORPUS_COLUMNS),
         gpu=_gpu(experiments / "gpu"),
+        engine=_engine(experiments / "engine"),
         http=http_frame(experiments),
     )
 

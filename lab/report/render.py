@@ -17,6 +17,7 @@ from lab.report.sections import (
     perplexity_section,
     position_section,
 )
+from lab.report.sections_engine import engine_section
 from lab.report.sections_methods import methods_section
 from lab.report.sections_speed import (
     baseline_section,
@@ -49,6 +50,7 @@ def sections(results: Results, settings: ReportSettings) -> list[Section]:
         breakdown_section(results),
         position_section(results),
         gpu_section(results),
+        engine_section(results),
         # pipelines/http is optional: its section appears once it has run.
         *([http_section(results)] if not results.http.empty else []),
     ]

@@ -144,6 +144,7 @@ def _definitions(settings: ReportSettings) -> list[str]:
         "regret of a K controller = best fixed-K speed-up / controller speed-up - 1 (best fixed K "
         "in hindsight over the K sweep); the time-based analogue compares total time with the best "
         "fixed K chosen per prompt.",
-        "lossless check, per prompt: identical to the greedy baseline or not, index of the first "
-        "differing token and the target's top-1/top-2 logit margin there.",
+        "lossless check, per prompt: identical to the greedy baseline, a numerics flip (at the "
+        "first differing token both candidates are within a dtype-set tolerance of the target's "
+        "top logit) or a violation; with the index of that token and the top-1/top-2 margin there.",
     ]
