@@ -214,7 +214,8 @@ def test_stage_serves_the_root_models(root: P.Params, tmp_path: Path) -> None:
     section = P.Loadtest.model_validate({**LOADTEST, "serve": serve})
     args, label = loadtest.serve_command(section, root)
     assert args == ["--target", "tiny-random-qwen2", "--max-new-tokens", "8", "--max-queue", "64",
-                    "--device", "cpu", "--draft", "tiny-random-qwen2-draft", "--k", "3",
+                    "--device", "cpu", "--dtype", "float32", "--draft", "tiny-random-qwen2-draft",
+                    "--k", "3",
                     "--policy", "exact", "--threads", "1"]  # fmt: skip
     assert label == "lab serve tiny-random-qwen2 + tiny-random-qwen2-draft (K=3, exact)"
     with pytest.raises(ParamsError, match=r"loadtest.concurrency lists \[2\], not 3"):

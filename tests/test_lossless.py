@@ -236,7 +236,9 @@ def test_check_verdicts_names_configuration_prompt_token_and_numbers() -> None:
 
 
 def test_stage_raises_on_a_violation(qwen2: LoadedModel) -> None:
-    raw = smoke_params(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    # fp32 as the qwen2 fixture, whatever the CPU default: _lossless loads the target itself.
+    overrides = {"models": {"dtype": "float32"}}
+    raw = smoke_params(yaml.safe_load((ROOT / "params.yaml").read_text()), overrides)
     params = P.Params.model_validate(raw)
     base = _baseline(qwen2)
     item = store.Item(Path("baseline/target"), {}, base, pd.DataFrame(), {})

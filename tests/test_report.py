@@ -29,6 +29,7 @@ from lab.report.render import main, render
 from lab.report.sections import lossless_table
 from lab.report.sections_speed import protocol_section
 from lab.stats import summarize
+from tests.test_bench_engine import write_hand_results
 
 MAX_NEW_TOKENS = 12
 PARAMS: dict[str, Any] = {
@@ -61,8 +62,11 @@ TABLES = (
     "step_breakdown",
     "memory",
     "gpu",
+    "engine",
+    "engine_forward_cost",
 )
-FIGURES = ("ksweep", "frontier", "accepted_length", "step_latency", "acceptance_by_position")
+FIGURES = ("ksweep", "frontier", "accepted_length", "step_latency", "acceptance_by_position",
+           "engine_forward_cost")  # fmt: skip
 HEADINGS = (
     "Methods",
     "Baseline",
@@ -79,6 +83,7 @@ HEADINGS = (
     "Step time breakdown and memory",
     "Acceptance by draft position",
     "GPU",
+    "Engine",
 )
 GREEDY = SamplingParams(0.0, 0, 1.0)
 
@@ -200,6 +205,7 @@ def _side_files(root: Path) -> None:
         "fraction_of_bandwidth_limit": 0.25,
     }
     (root / "gpu" / "decode.json").write_text(json.dumps(gpu))
+    write_hand_results(root)  # experiments/engine/<machine>/*.json as lab bench-engine writes
 
 
 @pytest.fixture(scope="module")

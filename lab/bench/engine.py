@@ -218,7 +218,7 @@ def _entry(
         "bandwidth_limit_tokens_per_s": limit,
         "decode_step_ms": step_ms,
         "decode_tokens_per_s": rate,
-        "fraction_of_bandwidth_limit": limit / rate,
+        "fraction_of_bandwidth_limit": rate / limit,
         "forward": [{"tokens": n, **costs[n]} for n in SIZES],
         "verify_over_decode_k4": costs[VERIFY_K4]["ratio"],
         "prefill_tokens": settings.prefill_tokens,
