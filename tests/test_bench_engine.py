@@ -7,6 +7,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -187,8 +188,9 @@ def hand_entry(device: str, dtype: str, engine: str, ratios: list[float], c: flo
     """A result as lab bench-engine writes it, with round numbers."""
     return {
         "device": device, "machine": bench.machine_slug(device), "model": "qwen2.5-coder-1.5b",
-        "dtype": dtype, "engine": engine, "decode_tokens_per_s": 4.0,
-        "fraction_of_bandwidth_limit": 0.5, "verify_over_decode_k4": ratios[4], "c": c,
+        "dtype": dtype, "engine": engine, "read_bandwidth_bytes_per_s": 26e9,
+        "decode_tokens_per_s": 4.0, "fraction_of_bandwidth_limit": 0.5,
+        "verify_over_decode_k4": ratios[4], "c": c,
         "prefill_tokens_per_s": 100.0,
         "forward": [{"tokens": n, "ms": 250.0 * r, "ratio": r} for n, r in enumerate(ratios, 1)],
     }  # fmt: skip
@@ -214,16 +216,17 @@ def test_section_renders_table_and_figure_from_hand_results(tmp_path: Path) -> N
     assert rows.loc["bfloat16", "verify_over_decode_k4"] == pytest.approx(1.04)
     assert list(table.shown["c"]) == ["0.33", "0.40"]  # files sort: bfloat16 first
     assert list(table.shown["verify(K=4) / decode"]) == ["1.04", "1.80"]
+    assert list(table.shown["read GB/s"]) == ["26.0", "26.0"]
     # The cost table: long in the CSV, one row per configuration when shown.
     assert len(costs.data) == 18 and list(costs.shown.columns)[:3] == ["line", "n=1", "n=2"]
     assert list(costs.shown["n=9"]) == ["1.08", "2.60"]
     ((name, fig, caption),) = section.figures
     ax = fig.axes[0]
-    lines = {line.get_label(): line for line in ax.get_lines() if line.get_label()[0] != "_"}
-    assert sorted(lines) == ["bfloat16 / compiled", "float32 / compiled"]
-    assert list(lines["float32 / compiled"].get_ydata()) == pytest.approx(
-        [1 + 0.2 * i for i in range(9)]
-    )
+    lines = {str(line.get_label()): line for line in ax.get_lines()}
+    named = sorted(label for label in lines if not label.startswith("_"))  # not the y = 1 rule
+    assert named == ["bfloat16 / compiled", "float32 / compiled"]
+    ratios = np.asarray(lines["float32 / compiled"].get_ydata(), dtype=float)
+    assert ratios == pytest.approx([1 + 0.2 * i for i in range(9)])
     assert list(ax.get_xticks()) == list(range(1, 10))
     assert "tokens" in ax.get_xlabel() and "one-token" in ax.get_ylabel()
     assert name == "engine_forward_cost" and caption

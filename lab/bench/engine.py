@@ -6,6 +6,7 @@ experiments/engine/<machine>/.
 
 from __future__ import annotations
 
+import gc
 import json
 import random
 import re
@@ -169,23 +170,24 @@ def decode_steps_ms(
     """Median ms of a greedy decode step (forward of 1, argmax read on the host) per engine.
 
     The engines' steps alternate (in turn-rotating order), so the draft's and the target's
-    step times, whose ratio is c, are taken side by side.
+    step times, whose ratio is c, are taken side by side. A first, untimed pass over the same
+    positions warms every shape the timed one meets (cuDNN attention is slow on a new one).
     """
-    tokens = []
-    for engine, ids in zip(engines, prompts, strict=True):
-        logits, _ = engine.start(ids)  # (1, V)
-        tokens.append(int(logits[-1].argmax()))
     times: list[list[float]] = [[] for _ in engines]
-    order = list(range(len(engines)))
-    for step in range(steps + 1):  # step 0 warms and is dropped
-        for i in order[step % len(order) :] + order[: step % len(order)]:
-            engine = engines[i]
-            start = time.perf_counter()
-            fed = torch.tensor([[tokens[i]]], device=engine.lm.device)  # (1, 1)
-            logits, _ = engine.forward(fed, 1)  # (1, V)
-            tokens[i] = int(logits[-1].argmax())  # the host reads the token, as the loop does
-            if step:
-                times[i].append(time.perf_counter() - start)
+    for timed in (False, True):
+        tokens = []
+        for engine, ids in zip(engines, prompts, strict=True):
+            logits, _ = engine.start(ids)  # (1, V)
+            tokens.append(int(logits[-1].argmax()))
+        for step in range(steps):
+            turn = step % len(engines)
+            for i in [*range(turn, len(engines)), *range(turn)]:
+                start = time.perf_counter()
+                fed = torch.tensor([[tokens[i]]], device=engines[i].lm.device)  # (1, 1)
+                logits, _ = engines[i].forward(fed, 1)  # (1, V)
+                tokens[i] = int(logits[-1].argmax())  # the host reads the token, as the loop does
+                if timed:
+                    times[i].append(time.perf_counter() - start)
     return [1000.0 * statistics.median(t) for t in times]
 
 
@@ -283,8 +285,18 @@ def run(
         for name in engines:
             for entry in bench_engine(lm, small, name, bandwidth, settings):
                 out.append(where | entry | {"settings": asdict(settings)})
+            _free(device)
         del lm, small
     return out
+
+
+def _free(device: torch.device) -> None:
+    """Drop the last engines' compiled code, graphs and caches: on an H200 host time per step
+    grew from 0.1 to 0.5 ms with each engine one process had built (shared/GPU.md)."""
+    gc.collect()
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def file_name(entry: dict[str, Any]) -> str:

@@ -33,8 +33,8 @@ LOSSLESS_COLUMNS = store.LOSSLESS_COLUMNS  # verdict included: older files must 
 OUTPUTS_COLUMNS = ("stage", "item", "question_id", "tokens", "perplexity")
 CORPUS_COLUMNS = ("model", "role", "tokens", "perplexity")
 # What each experiments/engine/<machine>/*.json (lab.bench.engine) must carry.
-ENGINE_KEYS = ("device", "model", "dtype", "engine", "decode_tokens_per_s",
-               "fraction_of_bandwidth_limit", "verify_over_decode_k4", "c",
+ENGINE_KEYS = ("device", "model", "dtype", "engine", "read_bandwidth_bytes_per_s",
+               "decode_tokens_per_s", "fraction_of_bandwidth_limit", "verify_over_decode_k4", "c",
                "prefill_tokens_per_s", "forward")  # fmt: skip
 
 
