@@ -139,16 +139,21 @@ def test_weight_bytes_read_one_row_of_an_untied_embedding(qwen2):
 
 
 @pytest.mark.parametrize(
-    ("name", "params"),
-    [("random-qwen2.5-1.5b", 1_543_714_304), ("random-qwen2.5-0.5b", 494_032_768)],
+    ("name", "params", "read"),
+    [
+        ("random-qwen2.5-1.5b", 1_543_714_304, 1_543_714_304),
+        ("random-qwen2.5-0.5b", 494_032_768, 494_032_768),
+        # 7B unties its embeddings: a token reads one row of the input table, not all 152064.
+        ("random-qwen2.5-7b", 7_615_616_512, 7_615_616_512 - 152_063 * 3584),
+    ],
 )
-def test_random_shapes_match_the_released_models(name, params):
-    # Parameter counts of the released Qwen2.5 1.5B / 0.5B (tied embeddings), built on meta.
+def test_random_shapes_match_the_released_models(name, params, read):
+    # Parameter counts of the released Qwen2.5 1.5B / 0.5B (tied) and 7B (untied), on meta.
     config = random_models.random_config(random_models.RANDOM[name], eos=258, pad=256)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     assert sum(p.numel() for p in model.parameters()) == params
-    assert roofline.weight_bytes_per_token(model.to(torch.bfloat16)) == 2 * params
+    assert roofline.weight_bytes_per_token(model.to(torch.bfloat16)) == 2 * read
 
 
 def test_load_random_is_seeded(monkeypatch):

@@ -28,16 +28,20 @@ class RandomSpec:
     kv_heads: int
     seed: int
     vocab: int = 151936
+    tied: bool = True  # input and output embeddings shared (the small Qwen2.5 models)
 
 
 RANDOM: dict[str, RandomSpec] = {
     "random-qwen2.5-1.5b": RandomSpec(1536, 8960, layers=28, heads=12, kv_heads=2, seed=0),
     "random-qwen2.5-0.5b": RandomSpec(896, 4864, layers=24, heads=14, kv_heads=2, seed=1),
+    "random-qwen2.5-7b": RandomSpec(
+        3584, 18944, layers=28, heads=28, kv_heads=4, seed=2, vocab=152064, tied=False
+    ),
 }
 
 
 def random_config(spec: RandomSpec, eos: int, pad: int) -> Qwen2Config:
-    """Qwen2.5's architecture settings with this spec's sizes; tied embeddings as released."""
+    """Qwen2.5's architecture settings with this spec's sizes and embedding tying, as released."""
     return Qwen2Config(
         vocab_size=spec.vocab,
         hidden_size=spec.hidden,
@@ -48,7 +52,7 @@ def random_config(spec: RandomSpec, eos: int, pad: int) -> Qwen2Config:
         max_position_embeddings=32768,
         rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
         rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
+        tie_word_embeddings=spec.tied,
         # Qwen's own 0.02: a wider init blows activations up and bf16 then disagrees with
         # fp32 on the argmax about half the time (measured on the 0.5B shape).
         initializer_range=0.02,
