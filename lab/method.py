@@ -58,14 +58,15 @@ def make_drafter(
     """
     name = method.drafter
     settings = drafter_settings(name, **method.drafter_params)
-    if name == "controlled" and isinstance(draft, LoadedModel) and reference is not None:
+    model = draft if isinstance(draft, LoadedModel | DynamicEngine | StaticEngine) else None
+    if name == "controlled" and model is not None and reference is not None:
         a, seed = settings["acceptance"], settings["seed"]
         v = vocab_size(target.model)
-        return ControlledDrafter(DraftModel(draft), reference, v, target.device, a, seed)
+        return ControlledDrafter(DraftModel(model), reference, v, target.device, a, seed)
     if name == "prompt_lookup":
         return PromptLookup(vocab_size(target.model), settings["max_ngram"], target.device)
-    if name == "draft_model" and isinstance(draft, LoadedModel | DynamicEngine | StaticEngine):
-        return DraftModel(draft)
+    if name == "draft_model" and model is not None:
+        return DraftModel(model)
     if name == "medusa" and isinstance(draft, MedusaHeads):
         return MedusaDrafter(target, draft)
     if name == "eagle" and isinstance(draft, EagleHead):

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from lab.bench import roofline
 from lab.bench.results import environment
 from lab.drafting.controlled import expected_accepted, expected_tau
-from lab.drafting.draft_model import DraftModel
+from lab.drafting.draft_model import DRAFT_STEP_SIZES, DraftModel
 from lab.drafting.oracle import OracleDrafter, RunOracle, settle
 from lab.engine import caches, loop
 from lab.engine.caches import StaticEngine
@@ -138,7 +138,11 @@ class OracleRunner:
 
 
 def _controlled(
-    path: StaticEngine | LoadedModel, target: LoadedModel, draft: LoadedModel, k: int, a: float
+    path: StaticEngine | LoadedModel,
+    target: LoadedModel,
+    draft: LoadedModel | StaticEngine,
+    k: int,
+    a: float,
 ) -> RunOracle:
     """Lab's loop with the controlled drafter at acceptance a, right tokens from the oracle's.
 
@@ -159,11 +163,15 @@ def _runners(
     target: LoadedModel,
     draft: LoadedModel,
     k: int,
-    engine: StaticEngine | None,
+    engines: tuple[StaticEngine, StaticEngine] | None,
     baselines: Baselines,
     acceptance: Sequence[float] = (),
 ) -> dict[str, Callable[[list[int], int], Any]]:
-    """Each method as f(prompt_ids, max_new_tokens) -> token ids (or lab's full result)."""
+    """Each method as f(prompt_ids, max_new_tokens) -> token ids (or lab's full result).
+
+    engines: the static (or compiled) target and draft engines; the static methods run both.
+    """
+    engine, draft_engine = engines if engines is not None else (None, None)
     exact = get_policy("exact")
 
     def dynamic(oracle: OracleDrafter, ids: list[int], n: int) -> PromptResult:
@@ -181,18 +189,18 @@ def _runners(
     for a in acceptance:
         run_a = _controlled(target, target, draft, k, a)
         runners[controlled_name(a)] = OracleRunner(run_a, target, "lab_baseline", baselines)
-        if engine is not None:
-            run_a = _controlled(engine, target, draft, k, a)
+        if engine is not None and draft_engine is not None:
+            run_a = _controlled(engine, target, draft_engine, k, a)
             name = controlled_name(a, static=True)
             runners[name] = OracleRunner(run_a, target, "lab_baseline_static", baselines)
-    if engine is not None:
+    if engine is not None and draft_engine is not None:
 
         def static(oracle: OracleDrafter, ids: list[int], n: int) -> PromptResult:
             return loop.generate(engine, ids, n, speculation=Speculation(oracle, exact, FixedK(k)))
 
         runners["lab_baseline_static"] = lambda ids, n: loop.generate(engine, ids, n)
         runners["lab_speculative_static"] = lambda ids, n: loop.generate(
-            engine, ids, n, speculation=Speculation(DraftModel(draft), exact, FixedK(k))
+            engine, ids, n, speculation=Speculation(DraftModel(draft_engine), exact, FixedK(k))
         )
         runners["lab_speculative_oracle_static"] = OracleRunner(
             static, target, "lab_baseline_static", baselines
@@ -214,21 +222,26 @@ def _first_difference(tokens: list[int], reference: list[int]) -> int | None:
     return next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(tokens), len(reference)))
 
 
-def _static_engine(
+def _static_engines(
     target: LoadedModel,
+    draft: LoadedModel,
     prompts: list[list[int]],
     ks: list[int],
     max_new_tokens: int,
     compile: bool,
-) -> StaticEngine:
-    """One engine for the whole run (graphs are tied to its cache), compiled and captured now."""
+) -> tuple[StaticEngine, StaticEngine]:
+    """Target and draft engines for the whole run (graphs are tied to their caches), compiled
+    and captured now: the draft model on the fast path too, not eager on a dynamic cache."""
     # Eager steps gain nothing from fixed shapes; graphs need them (one per K, tails padded).
     sizes = [1] + [k + 1 for k in ks] if compile else []
     max_len = caches.cache_length(prompts, max_new_tokens, max(ks))
     engine = StaticEngine(target, max_len, compile=compile, sizes=sizes)
+    draft_sizes = DRAFT_STEP_SIZES if compile else ()
+    draft_engine = StaticEngine(draft, max_len, compile=compile, sizes=draft_sizes)
     if compile:
         engine.warmup(prompts[0])
-    return engine
+        draft_engine.warmup(prompts[0])
+    return engine, draft_engine
 
 
 def _method_summary(
@@ -334,10 +347,11 @@ def run(
     """
     table = methods(draft.name, oracle, static_cache, compile, acceptance)
     baselines: Baselines = {"lab_baseline": {}, "lab_baseline_static": {}}
-    engine = None
+    engine, engines = None, None
     if static_cache or compile:
-        engine = _static_engine(target, prompts, [k, *(ks or [])], max_new_tokens, compile)
-    runners = _runners(target, draft, k, engine, baselines, acceptance)
+        engines = _static_engines(target, draft, prompts, [k, *(ks or [])], max_new_tokens, compile)
+        engine = engines[0]
+    runners = _runners(target, draft, k, engines, baselines, acceptance)
     clock = Clock(target.device)
     seconds = dict.fromkeys(table, 0.0)
     tokens: dict[str, list[list[int]]] = {m: [] for m in table}
