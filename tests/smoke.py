@@ -26,7 +26,7 @@ SMOKE = {
     "perplexity": {"window": 128, "stride": 64, "corpus_chars": 2000},
 }  # fmt: skip
 # Committed inputs the pipeline reads but never writes (the report shows the GPU results).
-INPUTS = ("experiments/gpu/",)
+INPUTS = ("experiments/gpu/", "experiments/engine/")
 
 
 class Repo(NamedTuple):

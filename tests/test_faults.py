@@ -10,7 +10,6 @@ import json
 import signal
 import subprocess
 import time
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -138,34 +137,31 @@ def test_bad_input_fails_clearly_and_keeps_results(smoke_copy: Repo, edit, messa
 
 def test_queued_experiments_in_parallel_keep_their_runs_apart(smoke_copy: Repo) -> None:
     path, env = smoke_copy
-    # An adaptive-controller setting: each experiment re-runs both adaptive items (they share the
-    # adaptive params section), perplexity and report.
-    windows = {"qw2": 2, "qw6": 6}
-    for name, window in windows.items():
+    # A setting of one stage item (the fewest stage processes to wait for): each experiment
+    # re-runs drafters@prompt_lookup, perplexity and report.
+    ngrams = {"ng1": 1, "ng2": 2}
+    for name, ngram in ngrams.items():
         run(["dvc", "exp", "run", "--queue", "-n", name,
-             "-S", f"adaptive.params.adaptive.window={window}"], path, env)  # fmt: skip
+             "-S", f"drafters.params.prompt_lookup.max_ngram={ngram}"], path, env)  # fmt: skip
     # Two queue workers, as `dvc queue start -j 2` starts them; this returns once both are done
     # (polling `dvc queue status` instead costs a dvc process every few seconds on 2 cores).
     run(["dvc", "exp", "run", "--run-all", "-j", "2"], path, env, check=False)
     status = run(["dvc", "queue", "status"], path, env).stdout
-    if "Failed" in status or status.count("Success") != len(windows):
-        logs = [run(["dvc", "queue", "logs", n], path, env, False).stdout[-3000:] for n in windows]
+    if "Failed" in status or status.count("Success") != len(ngrams):
+        logs = [run(["dvc", "queue", "logs", n], path, env, False).stdout[-3000:] for n in ngrams]
         pytest.fail("\n".join([status, *logs]))
     shown = _exp_metrics(run(["dvc", "exp", "show", "--json"], path, env).stdout)
-    rerun = {"adaptive": ["adaptive", "heuristic"], "perplexity": ["all"]}
-    for name, window in windows.items():
-        for stage, items in rerun.items():
+    for name, ngram in ngrams.items():
+        for stage, item in (("drafters", "prompt_lookup"), ("perplexity", "all")):
             runs = [r for r in _runs(path, stage) if r.data.tags.get("dvc.exp_name") == name]
             # Exactly one run per re-run stage item: none lost, none doubled.
-            assert Counter(r.data.tags["item"] for r in runs) == Counter(items), (name, stage)
-            assert all(r.info.status == "FINISHED" for r in runs), (name, stage)
-        (adaptive,) = [r for r in _runs(path, "adaptive")
-                       if r.data.tags.get("dvc.exp_name") == name
-                       and r.data.tags["item"] == "adaptive"]  # fmt: skip
+            assert [r.data.tags["item"] for r in runs] == [item], (name, stage)
+            assert runs[0].info.status == "FINISHED", (name, stage)
+        (drafter,) = [r for r in _runs(path, "drafters") if r.data.tags.get("dvc.exp_name") == name]
         # The experiment's run used its own setting, and its DVC metrics are that run's.
-        assert adaptive.data.params["run.method.controller_params.window"] == str(window)
-        metrics = shown[name]["experiments/adaptive/adaptive/metrics.json"]["data"]
-        assert metrics["tokens_per_s"] == pytest.approx(adaptive.data.metrics["tokens_per_s"])
+        assert drafter.data.params["run.method.drafter_params.max_ngram"] == str(ngram)
+        metrics = shown[name]["experiments/drafters/prompt_lookup/metrics.json"]["data"]
+        assert metrics["tokens_per_s"] == pytest.approx(drafter.data.metrics["tokens_per_s"])
 
 
 def _exp_metrics(text: str) -> dict[str, dict]:

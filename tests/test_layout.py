@@ -210,10 +210,11 @@ def test_default_pipeline_never_depends_on_bench_or_serve() -> None:
             ), f"dvc.yaml: {name}: dep {dep}"
 
 
-def test_report_depends_on_the_committed_gpu_results() -> None:
-    """New experiments/gpu/*.json (from `lab bench gpu`, not a stage) must re-render the report."""
+def test_report_depends_on_the_committed_gpu_and_engine_results() -> None:
+    """New experiments/gpu or engine JSON (from `lab bench`, `lab bench-engine`: not stages)
+    must re-render the report."""
     deps = next(d for name, _, d in stages(ROOT / "dvc.yaml", ROOT) if name == "report")
-    assert Path("experiments/gpu") in deps
+    assert Path("experiments/gpu") in deps and Path("experiments/engine") in deps
 
 
 def _status(repo: Repo) -> dict[str, Any]:

@@ -349,8 +349,6 @@ def test_step_breakdown_and_memory(rendered: tuple[Path, list[Path]], experiment
         assert table.loc["ksweep/k2", phase] == pytest.approx(steps[phase].mean())
     rest = steps["step_ms"] - steps["draft_ms"] - steps["verify_ms"] - steps["accept_ms"]
     assert table.loc["ksweep/k2", "bookkeeping_ms"] == pytest.approx(rest.mean())
-    phases = table[list(stats.PHASES)].sum(axis=1)
-    assert np.allclose(phases, table["step_ms"])
     assert table.loc["baseline/target", "draft_ms"] == 0 and table["verify_ms"].gt(0).all()
     assert table.loc["ksweep/k2", "drafter"] == "draft_model"
     memory = pd.read_csv(reports / "tables" / "memory.csv").set_index("stage")
