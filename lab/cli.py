@@ -7,16 +7,14 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-import yaml
-
+# Only torch-free modules at the top: `lab --help` must not wait seconds for torch,
+# transformers or mlflow; the commands import what they run (tests/test_cli.py checks this).
 from lab import models
-from lab.drafting import heads
-from lab.drafting.registry import DRAFTERS, drafter_settings
+from lab.drafting.names import DRAFTER_NAMES
 from lab.engine.controllers import CONTROLLERS, make_controller
-from lab.engine.policies import POLICIES, get_policy, make_policy
-from lab.engine.sampling import SamplingParams
+from lab.engine.names import POLICY_NAMES
 from lab.models import packaged
 from lab.prompts import BUILTIN, CATEGORIES, Prompt, PromptError, encode, load_suite
 
@@ -24,8 +22,43 @@ DEFAULT_TARGET = "qwen2.5-coder-1.5b-instruct"
 DEFAULT_DRAFT = "qwen2.5-coder-0.5b-instruct"
 
 
+def _default_text(value: Any) -> str:
+    """A default as help shows it: lists space-separated, a packaged model with its size."""
+    if isinstance(value, list | tuple):
+        return " ".join(map(str, value))
+    if isinstance(value, str) and value in packaged.PACKAGED:
+        return f"{value}, {packaged.PACKAGED[value].description}"
+    return str(value)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Help with each option's default, where one says something (not None, False or [])."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text, default = action.help or "", action.default
+        said = "%(default)" in text or "default:" in text or "default " in text
+        empty = default is None or default is False or default == [] or default is argparse.SUPPRESS
+        if said or empty or not action.option_strings:
+            return text
+        # Help strings are %-formatted: a default's own % must stay literal.
+        return f"{text} (default: {_default_text(default).replace('%', '%%')})"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with defaults in every help and one-line errors (the usage is in --help)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)  # sub-parsers get it too
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _options(pairs: Sequence[str], what: str = "controller") -> dict[str, Any]:
     """KEY=VALUE pairs -> dict, values parsed as YAML scalars (so 4 is an int, 0.7 a float)."""
+    import yaml
+
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -35,20 +68,27 @@ def _options(pairs: Sequence[str], what: str = "controller") -> dict[str, Any]:
     return out
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", default=DEFAULT_TARGET, help="model name, local folder or hub id")
-    p.add_argument("--draft", default=None, help="draft model (omit for plain decoding)")
-    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
-    p.add_argument(
-        "--dtype", default=None, help="float32, bfloat16 or float16 (default: by device)"
-    )
+_MODEL_HELP = "a model of `lab models list`, a local model folder or a Hugging Face id"
+_DEVICE_HELP = "cpu, cuda, cuda:N or mps (default: the best available, CUDA > MPS > CPU)"
+_DTYPE_HELP = (
+    f"{', '.join(models.DTYPES)} (default: bfloat16 on CUDA, float16 on MPS; on a CPU bfloat16 "
+    "where it has bf16 matrix units, AMX or AVX512-BF16, else float32)"
+)
+
+
+def _add_model_args(p: argparse.ArgumentParser, draft: str | None = None) -> None:
+    p.add_argument("--target", default=DEFAULT_TARGET, help=f"target: {_MODEL_HELP}")
+    omit = "" if draft else " (omit for plain decoding)"
+    p.add_argument("--draft", default=draft, help=f"draft model: {_MODEL_HELP}{omit}")
+    p.add_argument("--device", default=None, help=_DEVICE_HELP)
+    p.add_argument("--dtype", default=None, help=_DTYPE_HELP)
     p.add_argument("--trust-remote-code", action="store_true", help="run a hub model's own code")
     p.add_argument("--k", type=int, default=4, help="draft length (initial K for adaptive ones)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lab", description=__doc__)
+    parser = _Parser(prog="lab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     m = sub.add_parser("models", help="list or prepare models").add_subparsers(
@@ -56,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     m.add_parser("list", help="named model sources and whether they are prepared")
     prep = m.add_parser("prepare", help="assemble, verify and convert a packaged model once")
-    prep.add_argument("name", choices=list(packaged.PACKAGED))
+    prep.add_argument("name", choices=list(packaged.PACKAGED), help="the packaged model")
     prep.add_argument("--force", action="store_true", help="convert again even if prepared")
 
     g = sub.add_parser(
@@ -64,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_model_args(g)
     g.add_argument(
-        "--drafter", default=None, choices=[d for d in DRAFTERS if d != "controlled"],
+        "--drafter", default=None, choices=[d for d in DRAFTER_NAMES if d != "controlled"],
         help="draft mode (default: draft_model with --draft, else plain decoding); medusa and "
         "eagle read trained heads from --heads",
     )  # fmt: skip
@@ -78,7 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     g.add_argument(
         "--policy", default="exact",
-        help=f"one of {', '.join(POLICIES)}; exact and rejection are lossless, the others are "
+        help=f"one of {', '.join(POLICY_NAMES)}; exact and rejection are lossless, the others are "
         "LOSSY (faster, but the output is no longer the target's)",
     )  # fmt: skip
     g.add_argument(
@@ -94,11 +134,11 @@ def _parser() -> argparse.ArgumentParser:
         help="controller parameter, e.g. window=4 target=0.7 min_k=1 max_k=8",
     )
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest; 0 = all")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; 1 = off")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed")
     g.add_argument("--no-chat-template", action="store_true", help="send the prompt as raw text")
-    g.add_argument("--prompt", required=True)
+    g.add_argument("--prompt", required=True, help="the prompt (a user message)")
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.add_argument(
         "--profile", metavar="DIR", default=None,
@@ -107,11 +147,11 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
 
     b = sub.add_parser("bench", help="lab vs HF generate and HF assisted generation, side by side")
-    _add_model_args(b)
-    b.set_defaults(draft=DEFAULT_DRAFT, max_new_tokens=64)
+    _add_model_args(b, draft=DEFAULT_DRAFT)
+    b.set_defaults(max_new_tokens=64)
     b.add_argument("--prompts", default=BUILTIN, help="prompt suite: builtin or a question.jsonl")
-    b.add_argument("--categories", nargs="*", default=list(CATEGORIES))
-    b.add_argument("--per-category", type=int, default=1)
+    b.add_argument("--categories", nargs="*", default=list(CATEGORIES), help="prompt categories")
+    b.add_argument("--per-category", type=int, default=1, help="prompts per category")
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.add_argument(
         "--oracle", action="store_true",
@@ -141,7 +181,15 @@ def _parser() -> argparse.ArgumentParser:
 
     _add_bench_engine(sub)
     u = sub.add_parser("ui", help="MLflow UI over this repo's runs, on 127.0.0.1")
-    u.add_argument("--port", type=int, default=5000)
+    u.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1")
+    u.add_argument("--import", dest="import_from", nargs="?", const="experiments", default=None,
+                   metavar="DIR", help="first load the results in DIR (idempotent); "
+                   "DIR defaults to experiments/")  # fmt: skip
+    ml = sub.add_parser("mlflow", help="this repo's MLflow store").add_subparsers(
+        dest="mlflow_command", required=True
+    )
+    imp = ml.add_parser("import", help="load results on disk into MLflow (once: reruns skip)")
+    imp.add_argument("dir", type=Path, help="a folder of stage items, e.g. experiments/")
     _add_http_commands(sub)
     return parser
 
@@ -151,18 +199,19 @@ def _add_bench_engine(sub: Any) -> None:
     e = sub.add_parser(
         "bench-engine", help="engine benchmark: bandwidth limit, verify cost, c, prefill"
     )
-    e.add_argument("--target", default=DEFAULT_TARGET, help="model name (random-* too)")
+    e.add_argument("--target", default=DEFAULT_TARGET, help=f"{_MODEL_HELP}, or random-*")
     e.add_argument("--draft", default=None, help="draft model, for c (omit: no c)")
-    e.add_argument("--device", default=None, help="cuda or cpu (default: best available)")
-    e.add_argument("--dtypes", nargs="+", default=[None], help="default: the device's dtype")
-    e.add_argument("--engines", nargs="+", default=["dynamic", "static", "compiled"])
+    e.add_argument("--device", default=None, help=_DEVICE_HELP)
+    e.add_argument("--dtypes", nargs="+", default=[None], help=f"dtypes to measure: {_DTYPE_HELP}")
+    e.add_argument("--engines", nargs="+", default=["dynamic", "static", "compiled"],
+                   help="engines to measure")  # fmt: skip
     e.add_argument("--prompt-tokens", type=int, default=128, help="cache length of the forwards")
-    e.add_argument("--prefill-tokens", type=int, default=256)
+    e.add_argument("--prefill-tokens", type=int, default=256, help="prompt length of the prefill")
     e.add_argument("--repeats", type=int, default=9, help="rounds of the forward sizes")
-    e.add_argument("--decode-steps", type=int, default=32)
+    e.add_argument("--decode-steps", type=int, default=32, help="timed decode steps")
     e.add_argument("--bandwidth-mib", type=int, default=None,
                    help="streamed buffer (default: 1024 on CPU, 4096 on GPU)")  # fmt: skip
-    e.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    e.add_argument("--threads", type=int, default=None, help="torch CPU threads (omit: torch's)")
     e.add_argument("--out", default="experiments/engine", help="writes <out>/<machine>/*.json")
     e.add_argument("--json", action="store_true", help="print the entries as one JSON list")
 
@@ -172,9 +221,10 @@ def _add_http_commands(sub: Any) -> None:
     s = sub.add_parser("serve", help="OpenAI-compatible server over lab's engine (127.0.0.1)")
     _add_model_args(s)
     s.set_defaults(max_new_tokens=512)  # here: the largest max_tokens a request may ask for
-    s.add_argument("--policy", default="exact", help=f"one of {', '.join(POLICIES)}")
+    s.add_argument("--policy", default="exact", help=f"one of {', '.join(POLICY_NAMES)}")
     s.add_argument("--controller", default="fixed", help=f"one of {', '.join(CONTROLLERS)}")
-    s.add_argument("--controller-opt", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("--controller-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="controller parameter, e.g. window=4 target=0.7")  # fmt: skip
     s.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every one)")
     s.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     s.add_argument(
@@ -184,7 +234,7 @@ def _add_http_commands(sub: Any) -> None:
         help="requests that may wait while one generates; beyond that, HTTP 429",
     )
     s.add_argument("--served-model-name", default=None, help="model id (default: the target)")
-    s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    s.add_argument("--threads", type=int, default=None, help="torch CPU threads (omit: torch's)")
     s.add_argument(
         "--ready-file",
         type=Path,
@@ -202,19 +252,21 @@ def _add_http_commands(sub: Any) -> None:
     )
     t.add_argument("--requests", type=int, default=12, help="measured requests")
     t.add_argument("--concurrency", type=int, default=1, help="in flight at once; 0: no limit")
-    t.add_argument("--rate", type=float, default=None, help="requests/s, Poisson arrivals")
+    t.add_argument("--rate", type=float, default=None,
+                   help="requests/s, Poisson arrivals (omit: each as one ends)")  # fmt: skip
     t.add_argument("--warmup", type=int, default=1, help="discarded requests sent first")
-    t.add_argument("--endpoint", choices=("chat", "completions"), default="chat")
-    t.add_argument("--no-stream", action="store_true")
-    t.add_argument("--max-tokens", type=int, default=64)
-    t.add_argument("--temperature", type=float, default=0.0)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--endpoint", choices=("chat", "completions"), default="chat",
+                   help="/v1/chat/completions or /v1/completions")  # fmt: skip
+    t.add_argument("--no-stream", action="store_true", help="ask for whole responses")
+    t.add_argument("--max-tokens", type=int, default=64, help="max_tokens of each request")
+    t.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    t.add_argument("--seed", type=int, default=0, help="arrivals, prompt order, sampling")
     t.add_argument("--timeout", type=float, default=120.0, help="s without a byte = stalled")
-    t.add_argument("--retries", type=int, default=3)
+    t.add_argument("--retries", type=int, default=3, help="retries of a failed request")
     t.add_argument("--extra", default=None, help="JSON merged into every request body")
     t.add_argument("--prompts", default=BUILTIN, help="prompt suite: builtin or a question.jsonl")
-    t.add_argument("--categories", nargs="*", default=list(CATEGORIES))
-    t.add_argument("--per-category", type=int, default=2)
+    t.add_argument("--categories", nargs="*", default=list(CATEGORIES), help="prompt categories")
+    t.add_argument("--per-category", type=int, default=2, help="prompts per category")
     t.add_argument("--out", type=Path, default=None, help="write the records to this folder")
     t.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
 
@@ -231,12 +283,30 @@ def _cmd_models(args: argparse.Namespace) -> None:
             print(f"{name:32} {'built':13} tiny random model for tests (no download)")
 
 
-def _load_pair(args: argparse.Namespace) -> tuple[models.LoadedModel, models.LoadedModel | None]:
-    """Validate names and the vocabulary pairing, then load the weights."""
+def _check_placement(
+    device: str | None, dtypes: Sequence[str | None], flag: str = "--dtype"
+) -> None:
+    """--device and --dtype, checked before any model is touched (unknown, or absent here)."""
+    for option, value, check in [("--device", device, models.check_device),
+                                 *((flag, d, models.check_dtype) for d in dtypes)]:  # fmt: skip
+        try:
+            if value is not None:
+                check(value)
+        except models.ModelError as err:
+            raise models.ModelError(f"{option} {value}: {err}") from None
+
+
+def _check_models(args: argparse.Namespace) -> None:
+    """Names, device and the pair's vocabularies: read without weights, torch or a conversion."""
     models.check_name(args.target)
+    _check_placement(args.device, [args.dtype])
     if args.draft:
         models.check_name(args.draft)
         models.check_pair(args.target, args.draft, args.trust_remote_code)
+
+
+def _load_pair(args: argparse.Namespace) -> tuple[models.LoadedModel, models.LoadedModel | None]:
+    """Load the target and the draft (checked by _check_models first)."""
     load = {"device": args.device, "dtype": args.dtype, "trust_remote_code": args.trust_remote_code}
     target = models.load(args.target, **load)
     return target, models.load(args.draft, **load) if args.draft else None
@@ -244,13 +314,14 @@ def _load_pair(args: argparse.Namespace) -> tuple[models.LoadedModel, models.Loa
 
 def _generate_drafter(args: argparse.Namespace) -> tuple[str | None, dict[str, Any]]:
     """The --drafter to run (None: plain decoding) and its checked settings."""
+    from lab.drafting import heads
+    from lab.drafting.registry import drafter_settings
+
     name = args.drafter or ("draft_model" if args.draft else None)
     if name is None:
         return None, {}
     if args.draft and name != "draft_model":
         raise ValueError(f"--draft is a draft model for --drafter draft_model, not {name}")
-    if name == "draft_model" and not args.draft:
-        args.draft = DEFAULT_DRAFT
     options = _options(args.drafter_opt, "drafter")
     if name in heads.KINDS:
         options.setdefault("heads", args.heads or f"experiments/heads/{name}")
@@ -261,6 +332,12 @@ def _generate_drafter(args: argparse.Namespace) -> tuple[str | None, dict[str, A
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
+    if args.drafter == "draft_model" and not args.draft:
+        args.draft = DEFAULT_DRAFT
+    _check_models(args)  # first: it needs no torch, so a bad model or pair fails in a second
+    from lab.drafting import heads
+    from lab.engine.policies import make_policy
+    from lab.engine.sampling import SamplingParams
     from lab.method import Method, generate_one
     from lab.pipeline import profiling
 
@@ -310,13 +387,20 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     )
 
 
-def _load_bench_pair(args: argparse.Namespace) -> tuple[models.LoadedModel, models.LoadedModel]:
-    """_load_pair for bench, which also takes the random real-shape models of lab.models.random."""
+def _check_bench_models(args: argparse.Namespace) -> None:
+    """_check_models for bench, which also takes lab.models.random's real-shape models."""
     from lab.models import random as random_models
 
     random_models.check_name(args.target)
+    _check_placement(args.device, [args.dtype])
     random_models.check_name(args.draft)
     random_models.check_pair(args.target, args.draft, args.trust_remote_code)
+
+
+def _load_bench_pair(args: argparse.Namespace) -> tuple[models.LoadedModel, models.LoadedModel]:
+    """_load_pair for bench, random real-shape models too (checked by _check_bench_models)."""
+    from lab.models import random as random_models
+
     load = {"device": args.device, "dtype": args.dtype, "trust_remote_code": args.trust_remote_code}
     return random_models.load(args.target, **load), random_models.load(args.draft, **load)
 
@@ -324,13 +408,16 @@ def _load_bench_pair(args: argparse.Namespace) -> tuple[models.LoadedModel, mode
 def _cmd_bench(args: argparse.Namespace) -> None:
     from lab.bench import hf as bench
     from lab.bench import results
+    from lab.drafting.registry import drafter_settings
 
+    # The values first (cheap, no files), then the models (reads vocabularies), then loading.
     for k in [args.k, *(args.ks or [])]:
         make_controller("fixed", k)  # validates every K
     if args.warmup_tokens is not None and args.warmup_tokens <= 0:
         raise ValueError(f"--warmup-tokens must be a positive integer, got {args.warmup_tokens}")
     for a in args.acceptance:
         drafter_settings("controlled", acceptance=a)  # each in [0, 1]
+    _check_bench_models(args)
     prompts = load_suite(args.prompts, args.categories, args.per_category)
     target, draft = _load_bench_pair(args)
     ids = [encode(p, target.tokenizer) for p in prompts]
@@ -374,22 +461,21 @@ def _cmd_bench(args: argparse.Namespace) -> None:
 
 
 def _cmd_bench_engine(args: argparse.Namespace) -> None:
+    from lab.models import random as random_models
+
+    random_models.check_name(args.target)
+    if args.draft:
+        random_models.check_name(args.draft)
+    _check_placement(args.device, args.dtypes, "--dtypes")
     import torch
 
     from lab.bench import engine
-    from lab.models import random as random_models
 
     engine.check_engines(args.engines)
     settings = engine.Settings(
         args.prompt_tokens, args.prefill_tokens, args.repeats, args.decode_steps,
         bandwidth_bytes=None if args.bandwidth_mib is None else args.bandwidth_mib * 2**20,
     )  # fmt: skip
-    random_models.check_name(args.target)
-    if args.draft:
-        random_models.check_name(args.draft)
-    for dtype in args.dtypes:
-        if dtype is not None:
-            models.resolve_dtype(torch.device("cpu"), dtype)  # an unknown name fails here
     if args.threads:
         torch.set_num_threads(args.threads)
     device = models.resolve_device(args.device)
@@ -409,23 +495,27 @@ def _cmd_bench_engine(args: argparse.Namespace) -> None:
 
 
 def _cmd_ui(args: argparse.Namespace) -> None:
-    import os
-    import subprocess
+    from lab.pipeline import mlflow_ui
 
-    from lab.pipeline import tracking
+    mlflow_ui.serve(args.port, None if args.import_from is None else Path(args.import_from))
 
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-           "MLFLOW_DISABLE_TELEMETRY": "true"}  # fmt: skip
-    uri = tracking.tracking_uri()
-    print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port}", file=sys.stderr)
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
-           "--port", str(args.port), "--workers", "1"]  # fmt: skip
-    subprocess.run(cmd, env=env, check=True)
+
+def _cmd_mlflow(args: argparse.Namespace) -> None:
+    from lab.pipeline import mlflow_import, tracking
+
+    if not args.dir.is_dir():
+        raise ValueError(f"{args.dir}: no such folder")
+    done = mlflow_import.import_experiments(args.dir)
+    what = "already imported, nothing to do" if done.already else "imported"
+    print(f"{args.dir}: {done.items} items {what} (parent run {done.parent_id}) into "
+          f"{tracking.tracking_uri()}; `lab ui` shows them")  # fmt: skip
 
 
 def _cmd_serve(args: argparse.Namespace) -> None:
+    _check_models(args)
     import torch
 
+    from lab.engine.policies import get_policy
     from lab.method import Method
     from lab.serve import server
 
@@ -457,6 +547,8 @@ def _cmd_loadtest(args: argparse.Namespace) -> None:
     extra = json.loads(args.extra or "{}")
     template = Request("", args.endpoint == "chat", not args.no_stream, args.max_tokens,
                        args.temperature, args.seed, extra)  # fmt: skip
+    if args.tokenizer:
+        models.check_name(args.tokenizer)
     prompts = load_suite(args.prompts, args.categories, args.per_category)
     tokenizer = models.load_tokenizer(args.tokenizer) if args.tokenizer else None
     try:
@@ -477,8 +569,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `lab` console script."""
     args = _parser().parse_args(argv)
     commands = {"models": _cmd_models, "generate": _cmd_generate, "bench": _cmd_bench,
-                "bench-engine": _cmd_bench_engine, "ui": _cmd_ui, "serve": _cmd_serve,
-                "loadtest": _cmd_loadtest}  # fmt: skip
+                "bench-engine": _cmd_bench_engine, "ui": _cmd_ui, "mlflow": _cmd_mlflow,
+                "serve": _cmd_serve, "loadtest": _cmd_loadtest}  # fmt: skip
     try:
         commands[args.command](args)
     except (ValueError, packaged.ModelPackageError) as err:

@@ -1,8 +1,8 @@
-"""Stage report: tables and figures from experiments/ alone; closes the MLflow session run."""
+"""Stage report: reports/ and the headline metrics.json from experiments/; closes the MLflow run."""
 
 from lab.pipeline import params as P
 from lab.pipeline import tracking
-from lab.report import render
+from lab.report import metrics, render
 from lab.report.load import ReportSettings
 
 params = P.load()
@@ -13,3 +13,4 @@ settings = ReportSettings(seed=params.seed, bootstrap_samples=params.report.boot
                           planned=params.run_settings())  # fmt: skip
 with tracking.final_stage():  # ends the MLflow parent run: FAILED if the report raised
     render.main(settings)
+    metrics.main()  # the one DVC metrics file: what `dvc exp show` lists

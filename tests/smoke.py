@@ -69,7 +69,7 @@ def make_repo(path: Path, experiment: str, overrides: dict | None = None) -> Rep
     listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
                             check=True, capture_output=True, text=True).stdout  # fmt: skip
     for name in listed.splitlines():
-        results = name.startswith(("experiments/", "reports/", "dvc.lock"))
+        results = name.startswith(("experiments/", "reports/", "dvc.lock", "metrics.json"))
         if (ROOT / name).is_file() and (not results or name.startswith(INPUTS)):
             (path / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(ROOT / name, path / name)

@@ -41,13 +41,49 @@ def test_device_and_dtype_defaults():
     assert models.load("tiny-random-llama", dtype="bfloat16").model.dtype == torch.bfloat16
 
 
-def test_names_paths_and_hub_ids(tmp_path):
+def test_names_paths_and_hub_ids(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
     models.check_name("tiny-random-llama")
     models.check_name("qwen2.5-coder-0.5b-instruct")
     models.check_name(str(tmp_path))
-    models.check_name("HuggingFaceTB/SmolLM2-135M")
     with pytest.raises(models.ModelError, match="unknown model 'nope'"):
         models.check_name("nope")
+    # A hub id works online, or offline once it is in the local cache; else it fails now.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    models.check_name("HuggingFaceTB/SmolLM2-135M")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(models.ModelError, match="not in the Hugging Face cache"):
+        models.check_name("HuggingFaceTB/SmolLM2-135M")
+    snapshot = tmp_path / "hub" / "models--HuggingFaceTB--SmolLM2-135M" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("abc")
+    models.check_name("HuggingFaceTB/SmolLM2-135M")
+
+
+def test_devices_are_checked_by_name_and_by_what_is_here(monkeypatch):
+    for bad in ("cdua", "gpu", "cuda:x", "cpu:0", ""):
+        with pytest.raises(models.ModelError, match=f"unknown device '{bad}': choose from cpu"):
+            models.check_device(bad)
+    models.check_device("cpu")
+    assert models.resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(models, "available_devices", lambda: ["cpu"])
+    for absent in ("cuda", "cuda:1", "mps"):
+        with pytest.raises(models.ModelError, match=f"'{absent}' is not available.*from cpu$"):
+            models.resolve_device(absent)
+    assert models.resolve_device() == torch.device("cpu")
+    monkeypatch.setattr(models, "available_devices", lambda: ["cpu", "mps"])
+    assert models.resolve_device() == torch.device("mps")
+
+
+def test_byte_vocabulary_is_the_byte_tokenizers():
+    # The pair check reads the tiny models' vocabulary without building the tokenizer.
+    tokenizer = models.byte_tokenizer()
+    assert models.byte_vocabulary() == tokenizer.get_vocab()
+    assert models.vocabulary("tiny-random-llama").size == len(tokenizer) == 259
 
 
 def test_same_vocabulary_pair_is_accepted():

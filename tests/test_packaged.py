@@ -194,10 +194,17 @@ def test_prepare_smollm2_for_real(cache: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from lab import models
+
+    from_header = models.vocabulary("smollm2-135m-instruct")  # not prepared: the GGUF header
+    assert not cache.exists()
     path = P.prepare("smollm2-135m-instruct")
     assert path == cache / "smollm2-135m-instruct" and P.is_prepared(path.name)
     assert not list(cache.glob(".staging-*"))
     tok = AutoTokenizer.from_pretrained(path)
+    # The pair check reads either source: the header's ids are the converted tokenizer's.
+    assert models.vocabulary(path.name) == from_header
+    assert from_header == models.Vocabulary(tok.get_vocab(), 49152)
     lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     assert tok.chat_template is not None and tok.eos_token == "<|im_end|>"
     assert lm.generation_config.eos_token_id == tok.eos_token_id == 2
@@ -211,3 +218,142 @@ def test_prepare_smollm2_for_real(cache: Path) -> None:
     with torch.no_grad():
         logits = lm(ids).logits
     assert logits.shape == (1, ids.shape[1], 49152) and torch.isfinite(logits).all()
+
+
+# --- vocabularies from GGUF headers (the pair check before any conversion) ----------------------
+
+
+def _write_gguf(path: Path, tokens: list[str], vocab_size: int | None, rows: int = 4) -> None:
+    """A small real GGUF (gguf's own writer): tokenizer metadata, scores, merges, one tensor."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(path, "llama")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([float(i) for i in range(len(tokens))])  # a numeric array to skip
+    writer.add_token_merges([f"{a} {b}" for a, b in zip(tokens, tokens[1:], strict=False)])
+    if vocab_size is not None:
+        writer.add_vocab_size(vocab_size)
+    writer.add_tensor("token_embd.weight", np.ones((rows, len(tokens)), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _split(whole: Path, folder: Path, size: int) -> list[Path]:
+    """whole cut into part1.bin, part2.bin, ... of `size` bytes, as the model packages ship."""
+    data, chunks = whole.read_bytes(), []
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, start in enumerate(range(0, len(data), size), 1):
+        chunks.append(folder / f"part{i}.bin")
+        chunks[-1].write_bytes(data[start : start + size])
+    return chunks
+
+
+TOKENS = ["<s>", "</s>", "a", "b", "ab", "é", "☃"]
+
+
+def test_gguf_metadata_matches_gguf_reader_across_chunks(tmp_path: Path) -> None:
+    from gguf import GGUFReader
+
+    whole = tmp_path / "m.gguf"
+    _write_gguf(whole, TOKENS, vocab_size=9)
+    field = GGUFReader(whole).fields["tokenizer.ggml.tokens"]
+    expected = [bytes(field.parts[i]).decode() for i in field.data]
+    # 64-byte chunks: the header itself spans several of them.
+    chunks = _split(whole, tmp_path / "parts", 64)
+    meta = P.gguf_metadata(chunks, lambda key: key != "tokenizer.ggml.merges")
+    assert meta["tokenizer.ggml.tokens"] == expected == TOKENS
+    assert meta["llama.vocab_size"] == 9 and meta["general.architecture"] == "llama"
+    assert meta["tokenizer.ggml.scores"] == [float(i) for i in range(len(TOKENS))]
+    assert "tokenizer.ggml.merges" not in meta
+
+
+def test_gguf_metadata_reads_the_header_not_the_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    whole = tmp_path / "m.gguf"
+    _write_gguf(whole, TOKENS, vocab_size=None, rows=400_000)  # 11 MB of weights
+    chunks = _split(whole, tmp_path / "parts", 4 << 20)
+    read: list[int] = []
+    real = P._read_prefix
+
+    def spy(chunks: list[Path], size: int) -> bytes:
+        read.append(size)
+        return real(chunks, size)
+
+    monkeypatch.setattr(P, "_read_prefix", spy)
+    assert P.gguf_metadata(chunks, lambda key: True)["tokenizer.ggml.tokens"] == TOKENS
+    assert max(read) < whole.stat().st_size
+
+
+def test_gguf_metadata_refuses_a_cut_header_or_another_file(tmp_path: Path) -> None:
+    whole = tmp_path / "m.gguf"
+    _write_gguf(whole, TOKENS, vocab_size=None)
+    cut = tmp_path / "cut.bin"
+    cut.write_bytes(whole.read_bytes()[:100])
+    with pytest.raises(ValueError, match="runs past the end"):
+        P.gguf_metadata([cut], lambda key: True)
+    other = tmp_path / "other.bin"
+    other.write_bytes(b"PK\x03\x04" + bytes(100))
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        P.gguf_metadata([other], lambda key: True)
+
+
+def _register_gguf(
+    monkeypatch: pytest.MonkeyPatch,
+    packages: dict[str, Path],
+    name: str,
+    tokens: list[str],
+    size: int | None,
+) -> None:
+    """Packaged model `name` whose package's chunks carry a GGUF with these tokens."""
+    folder = packages["root"] / name
+    _write_gguf(packages["root"] / f"{name}.gguf", tokens, size)
+    assert len(_split(packages["root"] / f"{name}.gguf", folder / "data", 200)) > 1
+    packages[f"{name}_part1"] = folder
+    model = P.PackagedModel(name, (f"{name}_part1",), "0" * 64, name, "1.0", "data/part*.bin",
+                            ("</s>",), chat=False)  # fmt: skip
+    monkeypatch.setitem(P.PACKAGED, name, model)
+
+
+def test_pair_check_reads_unprepared_models_from_gguf_headers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cache: Path
+) -> None:
+    from lab import models
+
+    def refuse(*args: object) -> None:
+        raise AssertionError("converted a model to read its vocabulary")
+
+    monkeypatch.setattr(P, "convert", refuse)
+    packages = {"root": tmp_path}
+    monkeypatch.setattr(P, "find_package_dir", packages.get)
+    _register_gguf(monkeypatch, packages, "gg-target", TOKENS, None)
+    _register_gguf(monkeypatch, packages, "gg-same", TOKENS, len(TOKENS))
+    _register_gguf(monkeypatch, packages, "gg-wide", TOKENS, len(TOKENS) + 64)  # padded rows
+    _register_gguf(monkeypatch, packages, "gg-other", [*TOKENS[:-1], "x"], None)
+    assert P.gguf_vocabulary("gg-target") == (TOKENS, len(TOKENS))
+    models.check_pair("gg-target", "gg-same")
+    with pytest.raises(models.ModelError, match="vocab_size 7 vs 71"):
+        models.check_pair("gg-target", "gg-wide")
+    with pytest.raises(models.ModelError, match="7 vs 7 tokens, 2 entries differ"):
+        models.check_pair("gg-target", "gg-other")
+    assert not cache.exists()
+
+
+def test_prepared_model_vocabulary_comes_from_its_folder(cache: Path) -> None:
+    from lab import models
+
+    # A prepared folder (marker, config.json, tokenizer.json) needs no package at all.
+    folder = P.prepared_path("smollm2-135m-instruct")
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"vocab_size": 5}))
+    vocab = {"a": 0, "b": 1, "ab": 2}
+    added = [{"id": 3, "content": "<s>"}, {"id": 4, "content": "</s>"}]
+    spec = {"model": {"type": "BPE", "vocab": vocab}, "added_tokens": added}
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    (folder / P.MARKER).write_text(json.dumps({"sha256": P.PACKAGED[folder.name].sha256}))
+    got = models.vocabulary(folder.name)
+    assert got == models.Vocabulary({**vocab, "<s>": 3, "</s>": 4}, 5)

@@ -39,7 +39,7 @@ def test_default_params_load_typed():
     settings = params.heads.training("eagle").settings()
     assert isinstance(settings, training.EagleSettings)
     assert settings.epochs == RAW["heads"]["eagle"]["epochs"]
-    assert params.adaptive.settings("heuristic") == {}
+    assert params.adaptive.settings("adaptive") == RAW["adaptive"]["params"]["adaptive"]
 
 
 def test_run_settings_keep_the_run_config_shape():
@@ -117,7 +117,7 @@ BAD = {
                        "'nope'", "use one of exact, rejection, confidence, topk, typical"),
     "k-list-with-0": (_set("ksweep", "ks", [2, 0, 4]), "ksweep.ks[1]", "0", "an integer >= 1"),
     "empty-k-list": (_set("ksweep", "ks", []), "ksweep.ks", "[]", "a non-empty list"),
-    "missing-policy-entry": (_drop("policies.params", "topk"), "policies.params.topk",
+    "missing-policy-entry": (_drop("policies.params", "typical"), "policies.params.typical",
                              "missing", "needs an entry here ({} for no parameters)"),
     "missing-drafter-entry": (_drop("drafters.params", "medusa"), "drafters.params.medusa",
                               "missing", "needs an entry here ({} for no settings)"),

@@ -32,11 +32,13 @@ def test_committed_template_has_the_pinned_bundles() -> None:
 
 
 def test_dvc_plots_show_writes_html_without_external_scripts(tmp_path: Path) -> None:
-    """The plots dvc.yaml declares (it needs params.yaml to resolve), over the committed data."""
+    """The plots dvc.yaml declares (it needs params.yaml to resolve) with the templates of
+    .dvc/plots/, over the committed data."""
     template = plots_template.TEMPLATE.relative_to(ROOT)
     heads = yaml.safe_load((ROOT / "params.yaml").read_text())["heads"]["names"]
     losses = [f"experiments/heads/{kind}/loss.csv" for kind in heads]
-    names: list[str | Path] = ["dvc.yaml", "params.yaml", ".dvc/config", template, "reports/plots"]
+    names: list[str | Path] = ["dvc.yaml", "params.yaml", ".dvc/config", ".dvc/plots", template,
+                               "reports/plots"]  # fmt: skip
     for name in names + losses:
         copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)

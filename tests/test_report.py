@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
+from dvc_render.vega import VegaRenderer
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.container import ErrorbarContainer
 
 from lab import stats
 from lab.engine.model import LoadedModel
@@ -22,12 +27,22 @@ from lab.method import Method
 from lab.pipeline import store, suite
 from lab.pipeline.lossless import lossless_check
 from lab.prompts import CATEGORIES, load_suite
-from lab.report import load, tables
+from lab.report import load, tables, vega_specs
+from lab.report.figures import (
+    MIN_POSITION_STEPS,
+    accepted_length_figure,
+    ksweep_figure,
+    latency_figure,
+    position_figure,
+    speedup_figure,
+)
+from lab.report.frames import step_costs
 from lab.report.load import ReportError, ReportSettings, label, load_results
 from lab.report.plots import PLOTS
 from lab.report.render import main, render
-from lab.report.sections import lossless_table
+from lab.report.sections import gpu_table, lossless_table
 from lab.report.sections_speed import protocol_section
+from lab.report.summary import summary_text
 from lab.stats import summarize
 from tests.test_bench_engine import write_hand_results
 
@@ -65,9 +80,10 @@ TABLES = (
     "engine",
     "engine_forward_cost",
 )
-FIGURES = ("ksweep", "frontier", "accepted_length", "step_latency", "acceptance_by_position",
-           "engine_forward_cost")  # fmt: skip
+FIGURES = ("speedup", "ksweep", "frontier", "accepted_length", "step_latency",
+           "acceptance_by_position", "engine_forward_cost")  # fmt: skip
 HEADINGS = (
+    "Summary",
     "Methods",
     "Baseline",
     "Timing protocol and machine load",
@@ -197,10 +213,15 @@ def _side_files(root: Path) -> None:
     pd.DataFrame(corpus).to_csv(root / "perplexity" / "corpus.csv", index=False)
     (root / "perplexity" / "metrics.json").write_text("{}\n")
     (root / "gpu").mkdir()
-    gpu = {
-        "device": {"name": "NVIDIA H100 80GB HBM3"},
+    gpu = {  # the shape lab bench writes (experiments/gpu/*.json)
+        "device": "NVIDIA H100 80GB HBM3",
         "driver": "570.86",
         "torch": "2.11.0",
+        "model": "random-qwen2.5-1.5b",
+        "dtype": "bfloat16",
+        "method": "lab_baseline",
+        "cache": "dynamic",
+        "k": None,
         "tokens_per_s": 390.0,
         "fraction_of_bandwidth_limit": 0.25,
     }
@@ -511,3 +532,245 @@ def test_noise_floor_and_load_flag(experiments: Path, settings: ReportSettings) 
     section = protocol_section(results)
     assert section.tables[0].data["load_changed"].tolist() == [i is slowed for i in results.runs]
     assert label(slowed) in section.text[1] and "Noise floor" in section.text[-1]
+
+
+# --- summary, figures and dvc plots on hand-made frames ----------------------------------------
+
+
+def _summary_rows(**changes: tuple[float, float]) -> pd.DataFrame:
+    """A known table: two lossless K-sweep items below 1, a lossy policy above 1.
+
+    changes: configuration -> (ci_low, ci_high) to move an interval.
+    """
+    rows = [
+        # configuration, lossy, speed-up, CI, predicted, tau, draft, verify, step (decode steps)
+        ("ksweep/k2", False, 0.68, 0.58, 0.75, 1.19, 2.42, 0.95, 2.84, 3.80),
+        ("ksweep/k4", False, 0.82, 0.70, 0.95, 0.93, 3.26, 1.48, 2.65, 4.13),
+        ("policies/typical (lossy)", True, 1.10, 1.02, 1.17, 1.12, 4.23, 1.40, 2.36, 3.78),
+    ]
+    frame = pd.DataFrame(rows, columns=["configuration", "lossy", "speedup", "speedup_ci_low",
+                                        "speedup_ci_high", "predicted_speedup",
+                                        "mean_accepted_length", "draft_cost", "verify_cost",
+                                        "step_cost"])  # fmt: skip
+    frame.insert(5, "speedup_n", 18)
+    for name, (low, high) in changes.items():
+        frame.loc[frame["configuration"] == name, ["speedup_ci_low", "speedup_ci_high"]] = [
+            low,
+            high,
+        ]
+    return frame
+
+
+FLOOR = (1.0, 0.97, 1.03, 18)
+
+
+def test_summary_names_the_best_configurations_with_their_intervals() -> None:
+
+    text = summary_text(_summary_rows(), FLOOR)
+    assert "The best lossless configuration is ksweep/k4 at a speed-up of 0.82 [0.70, 0.95]" in text
+    assert "slower than the baseline" in text
+    assert "The best overall is policies/typical (lossy) at 1.10 [1.02, 1.17]" in text
+    assert "Only policies/typical (lossy) beats the baseline" in text
+    assert "Every lossless configuration (2) is slower than the baseline" in text
+    assert "(A/A) gives 1.00 [0.97, 1.03]" in text
+    assert "No configuration beats the baseline" not in text
+
+
+def test_summary_says_when_no_configuration_beats_the_baseline() -> None:
+
+    text = summary_text(_summary_rows(**{"policies/typical (lossy)": (0.98, 1.2)}), FLOOR)
+    assert "No configuration beats the baseline" in text
+    assert "Only " not in text
+    # A lossless configuration whose interval holds 1 is neither slower nor faster.
+    text = summary_text(_summary_rows(**{"ksweep/k4": (0.7, 1.05)}), None)
+    assert (
+        "Of the 2 lossless configurations, 1 is slower (interval below 1) and 1 is within " in text
+    )
+    assert "No A/A run of the baseline" in text
+
+
+def test_summary_gives_the_measured_reason_when_prediction_disagrees() -> None:
+
+    text = summary_text(_summary_rows(), FLOOR)
+    # k2 (1.19 outside [0.58, 0.75]) and typical (1.12 outside [1.02, 1.17]? no: inside) ...
+    assert "disagree for 1 of 3 configurations" in text
+    # ... so the reason is read from ksweep/k2, the best lossless one that disagrees.
+    assert "for ksweep/k2: a verify step costs 2.84x a decode step" in text
+    assert "emits tau = 2.42 tokens, so tau / cost = 0.64 against the measured 0.68" in text
+    agree = _summary_rows()
+    agree["predicted_speedup"] = agree["speedup"]
+    assert "lies within its measured interval" in summary_text(agree, FLOOR)
+
+
+def _item(stage: str, name: str, steps: pd.DataFrame, rows: pd.DataFrame | None = None) -> Any:
+    config = {"run": {"method": {"drafter": "draft_model", "policy": "exact", "k": 4}}}
+    rows = pd.DataFrame({"question_id": ["1"], "repetition": [0]}) if rows is None else rows
+    return store.Item(Path(stage) / name, config, rows, steps.assign(repetition=0), {})
+
+
+def test_step_costs_divide_by_the_baselines_decode_step() -> None:
+
+    base = _item("baseline", "target", pd.DataFrame({"verify_ms": [90.0, 110.0]}))
+    steps = pd.DataFrame({"draft_ms": [40.0, 60.0], "verify_ms": [250.0, 280.0],
+                          "step_ms": [300.0, 350.0]})  # fmt: skip
+    costs = step_costs(_item("ksweep", "k4", steps), base)
+    assert costs == pytest.approx({"draft_cost": 0.5, "verify_cost": 2.65, "step_cost": 3.25})
+    # The item's own interleaved reference, where it has one, is the decode step (as c's).
+    rows = pd.DataFrame({"question_id": ["1", "2"], "repetition": 0, "ref_decode_ms": [50.0, 150.0],
+                         "new_tokens": 1, "total_ms": 1.0})  # fmt: skip
+    assert step_costs(_item("ksweep", "k4", steps, rows), base)["verify_cost"] == pytest.approx(
+        2.65
+    )
+    rows["ref_decode_ms"] = [200.0, 200.0]
+    assert step_costs(_item("ksweep", "k4", steps, rows), None)["verify_cost"] == pytest.approx(
+        1.325
+    )
+
+
+def test_accepted_length_shares_sum_to_one_per_drafter() -> None:
+    from lab.report.frames import accepted_length
+
+    many = _item("drafters", "draft_model", pd.DataFrame({"emitted": [1, 2, 2, 5, 5, 5, 3, 1]}))
+    few = _item("drafters", "prompt_lookup", pd.DataFrame({"emitted": [1, 1, 2]}))
+    hist = accepted_length([many, few])
+    assert hist.groupby("drafter")["share"].sum().tolist() == pytest.approx([1.0, 1.0])
+    assert hist.set_index(["drafter", "emitted"]).loc[("drafters/draft_model", 5), "share"] == 3 / 8
+    ax = accepted_length_figure(hist).axes[0]
+    heights = [sum(bar.get_height() for bar in bars) for bars in ax.containers]
+    assert heights == pytest.approx([1.0, 1.0])  # one bar group per drafter, never stacked
+
+
+def _dvc_plots() -> dict[str, dict[str, Any]]:
+    dvc_yaml = yaml.safe_load((Path(__file__).parents[1] / "dvc.yaml").read_text())
+    return {name: spec for plot in dvc_yaml["plots"] for name, spec in plot.items()}
+
+
+def _filled(name: str, definition: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The vega-lite spec dvc-render makes of a dvc.yaml plot over a row of its CSV's columns."""
+
+    ((path, y),) = definition["y"].items()
+    columns = list(PLOTS[Path(path).stem])
+    row = {c: "1" for c in columns} | {"rev": "workspace"}
+    props = {k: v for k, v in definition.items() if k != "y"} | {"y": y}
+    renderer = VegaRenderer([row], name, template_dir=str(vega_specs.FOLDER), **props)
+    return renderer.get_filled_template(), columns
+
+
+def test_dvc_plots_read_only_existing_columns_and_carry_labels() -> None:
+    for name, definition in _dvc_plots().items():
+        spec, columns = _filled(name, definition)
+        text = json.dumps(spec)
+        assert "<DVC_METRIC" not in text.replace("<DVC_METRIC_DATA>", ""), name
+        read = set(re.findall(r"datum\['([^']+)'\]", text))
+        assert read and read <= set(columns), (name, read - set(columns))
+        for key in ("title", "x_label", "y_label"):
+            assert definition.get(key) and definition[key] != "y", (name, key)
+        assert definition["x_label"] in text and definition["y_label"] in text, name
+
+
+def test_speedup_vs_k_draws_the_ci_columns_with_integer_k_ticks() -> None:
+    plots = _dvc_plots()
+    assert {"speedup", "speedup_ci_low", "speedup_ci_high", "predicted_speedup"} <= set(
+        PLOTS["ksweep"]
+    )
+    for name in ("speedup_vs_k", "acceptance_vs_k"):
+        spec, _ = _filled(name, plots[name])
+        text = json.dumps(spec)
+        y = next(iter(plots[name]["y"].values()))
+        assert f"datum['{y}_ci_low']" in text and f"datum['{y}_ci_high']" in text, name
+        axes = [layer["encoding"]["x"] for layer in spec["layer"] if "x" in layer["encoding"]]
+        assert axes and all(a["axis"] == {"tickMinStep": 1, "format": "d"} for a in axes), name
+    spec, _ = _filled("speedup_vs_k", plots["speedup_vs_k"])
+    assert "datum['predicted_speedup']" in json.dumps(spec)
+
+
+def test_every_speedup_plot_shows_its_interval() -> None:
+    for name, definition in _dvc_plots().items():
+        text = json.dumps(_filled(name, definition)[0])
+        if "speedup" in (definition["x"], *definition["y"].values()):
+            assert "datum['speedup_ci_low']" in text and "datum['speedup_ci_high']" in text, name
+    spec, _ = _filled("accepted_length_histogram", _dvc_plots()["accepted_length_histogram"])
+    assert spec["layer"][0]["encoding"]["xOffset"]["field"] == "drafter"  # side by side
+
+
+def test_committed_vega_templates_match_the_code() -> None:
+    for name, spec in vega_specs.templates().items():
+        assert (vega_specs.FOLDER / f"{name}.json").read_text() == vega_specs.text(spec), name
+
+
+def _ksweep_frame() -> pd.DataFrame:
+    return pd.DataFrame({"k": [1, 2, 4], "speedup": [0.8, 0.7, 0.6],
+                         "speedup_ci_low": [0.65, 0.57, None], "speedup_ci_high": [1.0, 0.8, None],
+                         "predicted_speedup": [0.9, 0.7, 0.5], "acceptance_rate": [0.7, 0.6, 0.5],
+                         "acceptance_rate_ci_low": [0.5, 0.4, 0.3],
+                         "acceptance_rate_ci_high": [0.9, 0.8, 0.7]})  # fmt: skip
+
+
+def test_ksweep_figure_ticks_integer_k_and_draws_the_interval() -> None:
+
+    fig = ksweep_figure(_ksweep_frame())
+    for ax in fig.axes:
+        assert list(ax.get_xticks()) == [1, 2, 4]
+        assert ax.get_xlabel() and ax.get_ylabel()
+    (bars,) = [c for c in fig.axes[0].containers if isinstance(c, ErrorbarContainer)]
+    segments = bars.lines[2][0].get_segments()
+    assert [tuple(np.round(s[:, 1], 2)) for s in segments[:2]] == [(0.65, 1.0), (0.57, 0.8)]
+
+
+def test_speedup_figure_shows_each_interval_and_the_noise_floor() -> None:
+
+    ax = speedup_figure(_summary_rows(), (0.97, 1.03)).axes[0]
+    bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    ends = sorted(tuple(np.round(s[:, 0], 2)) for b in bars for s in b.lines[2][0].get_segments())
+    assert ends == [(0.58, 0.75), (0.7, 0.95), (1.02, 1.17)]
+    assert [t.get_text() for t in ax.get_yticklabels()] == list(_summary_rows()["configuration"])
+    assert "noise floor (A/A 95% CI)" in ax.get_legend_handles_labels()[1]
+
+
+def test_position_figure_styles_apart_and_drops_thin_positions() -> None:
+
+    rows = [
+        {"configuration": f"c{n}", "position": i, "proposed": 40 - 10 * i, "acceptance": 0.5}
+        for n in range(11)
+        for i in (1, 2, 3, 4)
+    ]  # proposed 30, 20, 10, 0: position 4 rests on too few steps
+    ax = position_figure(pd.DataFrame(rows)).axes[0]
+    lines = [line for line in ax.get_lines() if not str(line.get_label()).startswith("_")]
+    assert len(lines) == 11
+    looks = {(line.get_color(), line.get_marker(), line.get_linestyle()) for line in lines}
+    assert len(looks) == 11  # 11 series on a 10-colour cycle, still told apart
+    assert all(np.asarray(line.get_xdata()).tolist() == [1, 2, 3] for line in lines)
+    assert MIN_POSITION_STEPS == 10
+
+
+def test_latency_figure_labels_several_log_ticks() -> None:
+
+    # Decade ticks label one (1000) on the first range; 1-2-5 ticks only two (2, 5) on the second.
+    for low, high in ((400.0, 2700.0), (1.5, 6.0), (1.2, 1.9), (0.5, 900.0)):
+        fig = latency_figure({"a": pd.Series(np.geomspace(low, high, 50))})
+        FigureCanvasAgg(fig).draw()
+        ax = fig.axes[0]
+        lo, hi = ax.get_xlim()
+        shown = [t for t in ax.xaxis.get_majorticklocs() if lo <= t <= hi]
+        labels = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+        assert len(shown) >= 3 and len(labels) >= 3, (low, high, labels)
+
+
+def test_gpu_table_is_one_row_per_method_and_device() -> None:
+
+    base = {"model": "m", "dtype": "bfloat16", "driver": "1", "tokens_per_s": 10.0}
+    files = [
+        {**base, "device": "H200", "method": "lab_baseline", "cache": "dynamic", "k": None},
+        {**base, "device": "H200", "method": "oracle", "cache": "dynamic", "k": 4, "speedup": 3.0},
+        {**base, "device": "H200", "method": "oracle", "cache": "static", "k": 4, "speedup": 4.0},
+        {**base, "device": "H200", "method": "oracle", "cache": "dynamic", "k": 1, "speedup": 1.7},
+        {**base, "device": "H200", "method": "oracle", "cache": "dynamic", "k": 8, "speedup": 6.5},
+        {**base, "device": "EPYC", "method": "oracle", "cache": "dynamic", "k": 8, "speedup": 2.0},
+        {**base, "device": "EPYC", "method": "oracle", "cache": "dynamic", "k": 4, "speedup": 2.2},
+    ]
+    table = gpu_table(pd.DataFrame(files))
+    keys = list(zip(table["device"], table["method"], table["cache"], strict=True))
+    assert keys == [("H200", "lab_baseline", "dynamic"), ("H200", "oracle", "dynamic"),
+                    ("H200", "oracle", "static"), ("EPYC", "oracle", "dynamic")]  # fmt: skip
+    assert table["speedup"].tolist()[1:] == [3.0, 4.0, 2.2]  # the default K (4), not the sweep
+    assert "driver" not in table and table["k"].tolist()[1:] == [4, 4, 4]

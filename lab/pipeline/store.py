@@ -17,7 +17,7 @@ from lab.engine.records import STEP_COLUMNS
 CONFIG = "config.json"  # the resolved configuration (method, models, prompts, generation)
 PROMPTS = "prompts.jsonl"  # one line per prompt and repetition: summary, tokens, text
 STEPS = "steps.csv"  # one row per step: question_id, repetition and the StepRecord fields
-METRICS = "metrics.json"  # summary metrics (DVC metrics)
+METRICS = "metrics.json"  # summary metrics (a DVC out: the root metrics.json is the DVC metric)
 LOSSLESS = "lossless.csv"  # per prompt, for lossless methods: identical to baseline or where not
 # lossless.csv's columns (lab.pipeline.lossless writes them; verdict: identical, numerics or
 # violation).

@@ -9,6 +9,8 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import atexit  # noqa: E402
 import importlib.metadata  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
 import numbers  # noqa: E402
 import re  # noqa: E402
 import signal  # noqa: E402
@@ -42,6 +44,29 @@ STALE_AFTER_HOURS = 48.0
 ENDED = ("FINISHED", "FAILED", "KILLED")  # the statuses a run can end with
 
 _SESSION_KEY = re.compile(r"^[\w.:/@+-]+$")
+
+# Fields that number rows rather than measure anything: charted as metrics they are straight
+# lines. They stay as the `step` axis and in the item's files (steps.csv, prompts.jsonl).
+INDEX_FIELDS = frozenset({"step", "global_step", "prompt_index", "repetition", "question_id"})
+CONSTANT_TAG = "lab.constant_series"  # series left out because every value was the same
+
+# The numbers a reader scans: each configuration's are copied to the parent run as
+# `<stage>.<item>.<name>`, and the runs list view shows the top-level ones first.
+HEADLINE = ("speedup", "speedup_ci_low", "speedup_ci_high", "acceptance_rate",
+            "mean_accepted_length", "tokens_per_s", "output_ppl")  # fmt: skip
+BASELINE_STAGE = "baseline"  # its "speed-up" is the A/A noise floor, not a method's
+BEST_TAG = "best_config"  # on the parent: the configuration its top-level metrics are from
+
+# MLflow 3.x opens an experiment by its kind; "custom_model_development" is the classic
+# (training) view. The UI of 3.17 also keys the view on its own workflow switch, which the
+# `workflowType` URL parameter sets: see ui_url().
+KIND_TAG = "mlflow.experimentKind"
+KIND = "custom_model_development"
+# A view the UI applies when the URL names it (?viewStateShareKey=lab): headline columns first.
+VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+VIEW_KEY = "lab"
+VIEW_METRICS = ("speedup", "speedup_ci_low", "speedup_ci_high", "acceptance_rate",
+                "mean_accepted_length", "tokens_per_s", "noise_floor")  # fmt: skip
 
 
 class StageTerminated(BaseException):
@@ -93,31 +118,47 @@ class StageRun:
 
     client: MlflowClient
     run_id: str
+    parent_id: str | None = None  # the session's run, which gets this item's headline numbers
+    stage: str = ""
+    item: str = ""
     _buffer: list[Metric] = field(default_factory=list)
+    _constant: dict[str, float] = field(default_factory=dict)
 
-    def log_steps(self, rows: Iterable[Mapping[str, float | int]], step_key: str = "step") -> None:
-        """Every numeric field but step_key as `step.<name>` at step=row[step_key]."""
-        now = _now_ms()
-        for row in rows:
-            step = int(row[step_key])
-            for name, value in row.items():
-                if name != step_key and (number := _number(value)) is not None:
-                    self._add(Metric(f"step.{name}", number, now, step))
+    def log_steps(self, rows: Iterable[Mapping[str, Any]], step_key: str = "step") -> None:
+        """Each varying numeric field as `step.<name>` at step=row[step_key] (see _log_series)."""
+        self._log_series("step", [(int(row[step_key]), row) for row in rows], {step_key})
 
     def log_prompt_metrics(self, rows: Sequence[Mapping[str, Any]]) -> None:
-        """Numeric fields of each prompt's summary as `prompt.<name>` at step=prompt index."""
-        now = _now_ms()
-        for index, row in enumerate(rows):
-            for name, value in row.items():
-                if (number := _number(value)) is not None:
-                    self._add(Metric(f"prompt.{name}", number, now, index))
+        """Each varying numeric field of the prompts' summaries as `prompt.<name>` at step=index."""
+        self._log_series("prompt", list(enumerate(rows)), set())
 
     def log_metrics(self, metrics: Mapping[str, Any]) -> None:
-        """Summary metrics at step 0; None and strings are skipped, bools become 0/1."""
+        """Summary metrics at step 0, headline ones also on the parent; non-numbers, NaN skipped."""
         now = _now_ms()
         for name, value in metrics.items():
             if (number := _number(value)) is not None:
                 self._add(Metric(name, number, now, 0))
+        if self.parent_id is not None:
+            log_headline(self.client, self.parent_id, self.stage, self.item, metrics)
+
+    def _log_series(
+        self, prefix: str, rows: list[tuple[int, Mapping[str, Any]]], skip: set[str]
+    ) -> None:
+        """Buffer the series of these rows but index fields, NaNs and constants (tagged instead).
+
+        Constancy is judged within one call: a series logged one point per call always goes.
+        """
+        now = _now_ms()
+        for name, points in _series(rows, INDEX_FIELDS | skip).items():
+            key = f"{prefix}.{name}"
+            if len(points) > 1 and all(value == points[0][1] for _, value in points):
+                self._constant[key] = points[0][1]
+                continue
+            for step, value in points:
+                self._add(Metric(key, value, now, step))
+        if self._constant:
+            listed = ", ".join(f"{key}={value:g}" for key, value in sorted(self._constant.items()))
+            self.client.set_tag(self.run_id, CONSTANT_TAG, param_value(listed))
 
     def log_artifacts(self, paths: Iterable[Path], artifact_path: str | None = None) -> None:
         """Upload files, and directories under their own name, below artifact_path."""
@@ -155,7 +196,7 @@ def stage_run(
     session = _session()
     parent_id = _find_or_create_parent(client, experiment_id, session)
     tags = {
-        **_context_tags(),
+        **context_tags(),
         **_process_tags(psutil.Process()),
         SESSION_TAG: session.key,
         ROLE_TAG: "stage",
@@ -165,11 +206,11 @@ def stage_run(
         "device": device,
     }
     run_id = client.create_run(experiment_id, tags=tags, run_name=f"{stage}/{item}").info.run_id
-    run = StageRun(client, run_id)
+    run = StageRun(client, run_id, parent_id, stage, item)
     status = "FAILED"
     previous = _install_sigterm()
     try:
-        _log_params(client, run_id, params)
+        log_params(client, run_id, params)
         yield run
         run.flush()
         status = "FINISHED"
@@ -194,7 +235,7 @@ def finish_session(status: str = "FINISHED") -> None:
     client = MlflowClient(tracking_uri())
     experiment_id = _experiment_id(client)
     for run in _session_parents(client, experiment_id, _session().key):
-        final = _outcome(_children(client, run)) if status == "FINISHED" else status
+        final = _outcome(child_runs(client, run)) if status == "FINISHED" else status
         client.set_terminated(run.info.run_id, final)
 
 
@@ -218,12 +259,71 @@ def mark_stale_runs(max_age_hours: float = STALE_AFTER_HOURS) -> int:
     experiment_id = _experiment_id(client)
     cutoff_ms = _now_ms() - int(max_age_hours * 3600 * 1000)
     marked = 0
-    for run in _search(client, experiment_id, "attributes.status = 'RUNNING'"):
+    for run in search(client, experiment_id, "attributes.status = 'RUNNING'"):
         reason = _stale_reason(run, cutoff_ms)
         if reason:
             _end_stale(client, run, reason)
             marked += 1
     return marked
+
+
+def log_headline(
+    client: MlflowClient, parent_id: str, stage: str, item: str, metrics: Mapping[str, Any]
+) -> None:
+    """Copy a configuration's headline numbers to the parent as `<stage>.<item>.<name>`.
+
+    Only a decoding configuration's (it has a tau: not distill's tokens/s); names that already
+    carry their configuration (the perplexity stage's `ksweep.k4.output_ppl`) go as they are.
+    Then the parent's top-level metrics are set again (_set_top_level).
+    """
+    now = _now_ms()
+    decoding = "mean_accepted_length" in metrics
+    logged: list[Metric] = []
+    for name, value in metrics.items():
+        number = _number(value)
+        if number is None or name.rsplit(".", 1)[-1] not in HEADLINE:
+            continue
+        if not decoding and "." not in name:
+            continue
+        logged.append(Metric(name if "." in name else f"{stage}.{item}.{name}", number, now, 0))
+        if stage == BASELINE_STAGE and name.startswith("speedup"):
+            logged.append(Metric(name.replace("speedup", "noise_floor", 1), number, now, 0))
+    if logged:
+        client.log_batch(parent_id, metrics=logged, synchronous=True)
+        _set_top_level(client, parent_id)
+
+
+def _set_top_level(client: MlflowClient, parent_id: str) -> None:
+    """The parent's `speedup`, `acceptance_rate`, ...: those of its fastest configuration so far.
+
+    The runs list shows top-level names as columns, so a parent row reads like its best child;
+    the `best_config` tag says which configuration that is. The baseline (A/A) is no candidate.
+    """
+    metrics = client.get_run(parent_id).data.metrics
+    speedups = {
+        key.removesuffix(".speedup"): value
+        for key, value in metrics.items()
+        if key.endswith(".speedup") and not key.startswith(f"{BASELINE_STAGE}.")
+    }
+    if not speedups:
+        return
+    best = max(speedups, key=lambda config: speedups[config])
+    now = _now_ms()
+    top = [Metric(name, metrics[f"{best}.{name}"], now, 0) for name in HEADLINE
+           if f"{best}.{name}" in metrics]  # fmt: skip
+    client.log_batch(parent_id, metrics=top, synchronous=True)
+    client.set_tag(parent_id, BEST_TAG, best.replace(".", "/", 1))
+
+
+def ui_url(experiment_id: str, port: int = 5000) -> str:
+    """The experiment's page in the classic runs view, with the headline columns first."""
+    query = f"viewStateShareKey={VIEW_KEY}&workflowType=machine_learning"
+    return f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs?{query}"
+
+
+def repo_experiment_id() -> str:
+    """This repo's experiment (created, and tagged for the UI, if need be)."""
+    return _experiment_id(MlflowClient(tracking_uri()))
 
 
 # --- sessions: how the separate processes of one `dvc repro` find their shared parent run ---
@@ -289,7 +389,7 @@ def _find_or_create_parent(client: MlflowClient, experiment_id: str, session: _S
     found = _session_parents(client, experiment_id, session.key)
     if found:
         return found[0].info.run_id
-    tags = {**_context_tags(), SESSION_TAG: session.key, ROLE_TAG: "session"}
+    tags = {**context_tags(), SESSION_TAG: session.key, ROLE_TAG: "session"}
     if session.owner is not None:
         tags.update(_process_tags(session.owner))
     created = client.create_run(experiment_id, tags=tags, run_name=session.name).info.run_id
@@ -308,7 +408,7 @@ def _session_parents(client: MlflowClient, experiment_id: str, key: str) -> list
         f"tags.`{SESSION_TAG}` = '{key}' and tags.`{ROLE_TAG}` = 'session'"
         " and attributes.status = 'RUNNING'"
     )
-    return _search(client, experiment_id, query, order_by=["attributes.start_time ASC"])
+    return search(client, experiment_id, query, order_by=["attributes.start_time ASC"])
 
 
 def _outcome(children: Sequence[Run]) -> str:
@@ -318,9 +418,10 @@ def _outcome(children: Sequence[Run]) -> str:
     return "FINISHED" if finished else "FAILED"
 
 
-def _children(client: MlflowClient, parent: Run) -> list[Run]:
+def child_runs(client: MlflowClient, parent: Run) -> list[Run]:
+    """The runs nested under a parent."""
     query = f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'"
-    return _search(client, parent.info.experiment_id, query)
+    return search(client, parent.info.experiment_id, query)
 
 
 def _end_stale(client: MlflowClient, run: Run, reason: str) -> None:
@@ -329,7 +430,7 @@ def _end_stale(client: MlflowClient, run: Run, reason: str) -> None:
     if run.data.tags.get(ROLE_TAG) != "session":
         client.set_terminated(run.info.run_id, "FAILED")
         return
-    children = _children(client, run)
+    children = child_runs(client, run)
     # A child still RUNNING has no end time yet: then the sweep's own time (None: now) stands.
     ends = [child.info.end_time for child in children]
     end_ms = max(ends) if ends and None not in ends else None
@@ -348,7 +449,7 @@ def _own_parent(client: MlflowClient, run_id: str) -> None:
 
 def _end_owned_parents(client: MlflowClient) -> None:
     for run_id in _owned_parents:
-        children = _children(client, client.get_run(run_id))
+        children = child_runs(client, client.get_run(run_id))
         client.set_terminated(run_id, _outcome(children))
     _owned_parents.clear()
 
@@ -362,7 +463,8 @@ def _experiment_id(client: MlflowClient) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name, artifact_location=_artifact_location(name))
+            location = _artifact_location(name)
+            return client.create_experiment(name, location, tags=_experiment_tags())
         except MlflowException as error:
             # Another stage process created it between our lookup and our create.
             if error.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
@@ -374,7 +476,19 @@ def _experiment_id(client: MlflowClient) -> str:
             f"MLflow experiment {name!r} is deleted: restore it (`mlflow experiments restore`)"
             " or set LAB_MLFLOW_EXPERIMENT to another name"
         )
+    # Also for experiments made before these tags existed; set only when they differ.
+    for key, value in _experiment_tags().items():
+        if experiment.tags.get(key) != value:
+            client.set_experiment_tag(experiment.experiment_id, key, value)
     return str(experiment.experiment_id)
+
+
+def _experiment_tags() -> dict[str, str]:
+    """The experiment's kind (the classic view) and the runs-list view that ui_url() opens."""
+    columns = [f"metrics.`{name}`" for name in VIEW_METRICS] + [f"tags.`{BEST_TAG}`"]
+    # The UI reads a shared view as JSON: runs-list state fields and search facets.
+    view = {"selectedColumns": columns, "orderByKey": "attributes.start_time", "orderByAsc": False}
+    return {KIND_TAG: KIND, f"{VIEW_TAG_PREFIX}{VIEW_KEY}": json.dumps(view)}
 
 
 def _artifact_location(name: str) -> str | None:
@@ -385,14 +499,14 @@ def _artifact_location(name: str) -> str | None:
     return None
 
 
-def _log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:
+def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:
     """Flattened params, at most 100 per log_batch call."""
     flat = [Param(key, param_value(value)) for key, value in flatten(params).items()]
     for start in range(0, len(flat), PARAMS_PER_BATCH):
         client.log_batch(run_id, params=flat[start : start + PARAMS_PER_BATCH], synchronous=True)
 
 
-def _context_tags() -> dict[str, str]:
+def context_tags() -> dict[str, str]:
     """Where and with what this ran: DVC experiment, commit, library versions."""
     tags = {
         "dvc.exp_name": os.environ.get("DVC_EXP_NAME", "none"),
@@ -436,7 +550,7 @@ def _alive(pid: int, create_time: float) -> bool:
         return False
 
 
-def _search(
+def search(
     client: MlflowClient, experiment_id: str, query: str, order_by: list[str] | None = None
 ) -> list[Run]:
     """All pages of a run search."""
@@ -469,8 +583,24 @@ def _restore_sigterm(previous: Any) -> None:
 
 
 def _number(value: Any) -> float | None:
-    """A float for ints, floats, bools and numpy scalars; None for anything else."""
-    return float(value) if isinstance(value, numbers.Real) else None
+    """A finite float for ints, floats, bools and numpy scalars; None for anything else."""
+    if not isinstance(value, numbers.Real):
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None  # NaN: e.g. peak_cuda_mb on a CPU
+
+
+def _series(
+    rows: Iterable[tuple[int, Mapping[str, Any]]], skip: Iterable[str]
+) -> dict[str, list[tuple[int, float]]]:
+    """Per field not in skip: its (step, number) points, numbers only, in row order."""
+    skipped = set(skip)
+    series: dict[str, list[tuple[int, float]]] = {}
+    for step, row in rows:
+        for name, value in row.items():
+            if name not in skipped and (number := _number(value)) is not None:
+                series.setdefault(name, []).append((step, number))
+    return series
 
 
 def _clean(key: str) -> str:

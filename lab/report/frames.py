@@ -12,6 +12,7 @@ from lab.report.load import ReportSettings, Results, first, label, method
 
 ACCEPTED_LENGTH_COLUMNS = ("drafter", "emitted", "steps", "share")
 POSITION_COLUMNS = ("configuration", "position", "proposed", "acceptance")
+STEP_COST_COLUMNS = ("draft_cost", "verify_cost", "step_cost")
 
 
 def spec_row(item: Item, settings: ReportSettings) -> dict[str, Any]:
@@ -95,3 +96,28 @@ def acceptance_positions(items: list[Item]) -> pd.DataFrame:
     if not frames:
         return pd.DataFrame(columns=list(POSITION_COLUMNS))
     return pd.concat(frames, ignore_index=True)[list(POSITION_COLUMNS)]
+
+
+def decode_ms(item: Item, baseline: Item | None) -> float | None:
+    """The baseline's time per decoded token: the item's interleaved reference (`ref_decode_ms`,
+    the denominator of its c in metrics.json), else the baseline stage's mean decode step."""
+    if "ref_decode_ms" in item.rows and item.rows["ref_decode_ms"].notna().any():
+        value = float(stats.per_prompt(item.rows)["ref_decode_ms"].mean())
+    elif baseline is not None and len(first(baseline.steps)):
+        value = float(first(baseline.steps)["verify_ms"].mean())
+    else:
+        return None
+    return value if value > 0 else None
+
+
+def step_costs(item: Item, baseline: Item | None) -> dict[str, float | None]:
+    """A step's drafting, verifying and whole wall time, in decode steps of the baseline (first
+    repetition): the measured terms Leviathan's prediction sets to cK and 1."""
+    decode, steps = decode_ms(item, baseline), first(item.steps)
+    if decode is None or steps.empty:
+        return dict.fromkeys(STEP_COST_COLUMNS)
+    return {
+        "draft_cost": float(steps["draft_ms"].mean()) / decode,
+        "verify_cost": float(steps["verify_ms"].mean()) / decode,
+        "step_cost": float(steps["step_ms"].mean()) / decode,
+    }

@@ -4,6 +4,8 @@ DVC's default page loads the three bundles from a CDN. The versions pinned here 
 dvc-render 1.0's default page asks for (dvc_render/vega.py), so DVC's specs render the same.
 Run `python -m lab.report.plots_template` (or `make plots-template`) to rebuild the committed
 template from the npm registry; each tarball is checked against the registry's sha512 integrity.
+Either run also rewrites the vega-lite templates of dvc.yaml's plots (lab/report/vega_specs.py);
+`python -m lab.report.plots_template specs` rewrites only those, offline.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import tarfile
 import urllib.request
 from pathlib import Path
 from typing import NamedTuple
+
+from lab.report import vega_specs
 
 # .dvc/config's plots.html_template is relative to .dvc/ (dvc/commands/plots.py).
 TEMPLATE = Path(__file__).resolve().parents[2] / ".dvc" / "plots_offline.html"
@@ -102,7 +106,12 @@ def build() -> str:
     return page(scripts)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Rewrite the vega-lite templates (.dvc/plots/); without `specs`, the page too (network)."""
+    for path in vega_specs.write():
+        print(f"wrote {path}", file=sys.stderr)
+    if (sys.argv[1:] if argv is None else argv) == ["specs"]:
+        return
     TEMPLATE.write_text(build(), encoding="utf-8")
     print(f"wrote {TEMPLATE} ({TEMPLATE.stat().st_size // 1024} KiB)", file=sys.stderr)
 

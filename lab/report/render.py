@@ -29,12 +29,14 @@ from lab.report.sections_speed import (
     predicted_section,
     protocol_section,
 )
+from lab.report.summary import summary_section
 from lab.report.tables import markdown, write_table
 
 
 def sections(results: Results, settings: ReportSettings) -> list[Section]:
     """Every section, in report order."""
     return [
+        summary_section(results, settings),  # the result first, generated from the data
         methods_section(results, settings),
         baseline_section(results),
         protocol_section(results),

@@ -10,7 +10,12 @@ from matplotlib.figure import Figure
 
 from lab import stats
 from lab.pipeline import store
-from lab.report.figures import latency_figure, position_figure
+from lab.report.figures import (
+    MIN_POSITION_STEPS,
+    enough_positions,
+    latency_figure,
+    position_figure,
+)
 from lab.report.frames import acceptance_positions, perplexity_by_item
 from lab.report.http import NOTE, SECTION_COLUMNS
 from lab.report.load import (
@@ -201,14 +206,36 @@ def position_section(results: Results) -> Section:
         section.text.append(no_data("no speculative configuration has results"))
         return section
     fig = position_figure(data)
-    section.figures.append(("acceptance_by_position", fig, "Acceptance by draft position"))
+    dropped = len(data) - len(enough_positions(data))
+    caption = (
+        f"Acceptance by draft position; a position offered in fewer than {MIN_POSITION_STEPS} "
+        f"steps is not drawn ({dropped} of {len(data)} points left out; all of them in "
+        "plots/acceptance_by_position.csv)"
+    )
+    section.figures.append(("acceptance_by_position", fig, caption))
     return section
 
 
-# What a reader of the GPU/engine table needs; every other recorded column stays in its CSV.
+# What a reader of the GPU table needs, one row per device, model, method and cache; every
+# other recorded column (driver, torch, bound, decode-only speeds, the K sweeps) stays in its CSV.
+GPU_KEYS = ("device", "model", "method", "cache")
 GPU_COLUMNS = ("device", "model", "dtype", "method", "cache", "k", "tokens_per_s", "speedup",
-               "speedup_over", "fraction_of_bandwidth_limit", "acceptance_rate",
-               "identical")  # fmt: skip
+               "speedup_over", "acceptance_rate", "identical")  # fmt: skip
+GPU_SHOWN = {"speed-up": "speed-up (x)", "speedup_over": "over", "identical": "identical output"}
+
+
+def gpu_table(full: pd.DataFrame) -> pd.DataFrame:
+    """One row per device, model, method and cache: where a K sweep repeats a method, the row at
+    the K most rows use (the default K); otherwise the first file (files sort by name)."""
+    keys = [k for k in GPU_KEYS if k in full]
+    frame = full.copy()
+    if "k" in frame and frame["k"].notna().any():
+        usual = frame["k"].mode().iloc[0]
+        frame["_other_k"] = frame["k"].notna() & (frame["k"] != usual)
+        frame = frame.sort_values("_other_k", kind="stable")
+        frame["k"] = frame["k"].astype("Int64")  # 4, not 4.00 (NaN made the column float)
+    curated = (frame.drop_duplicates(keys) if keys else frame).sort_index()
+    return curated[[c for c in GPU_COLUMNS if c in curated]].reset_index(drop=True)
 
 
 def gpu_section(results: Results) -> Section:
@@ -217,13 +244,10 @@ def gpu_section(results: Results) -> Section:
     if results.gpu is None:
         section.text.append(no_data("experiments/gpu/ has no results"))
         return section
-    full = results.gpu
-    keys = [k for k in ("device", "model", "dtype", "method", "cache", "drafter", "k") if k in full]
-    # Several runs may time the same method on the same device (files sort by tag): the first.
-    shown = [c for c in GPU_COLUMNS if c in full]
-    curated = (full.drop_duplicates(keys) if keys else full)[shown]
-    table = make_table("gpu", "GPU and engine measurements (all columns in the CSV)", curated)
-    table.data = full
+    caption = "GPU and CPU runs of `lab bench`, one row per method (all columns in the CSV)"
+    table = make_table("gpu", caption, gpu_table(results.gpu))
+    table.shown = table.shown.rename(columns=GPU_SHOWN)
+    table.data = results.gpu
     section.tables.append(table)
     return section
 
