@@ -106,3 +106,13 @@ def copy_repo(repo: Repo, path: Path) -> Repo:
 def _dvc_tmp(folder: str, names: list[str]) -> list[str]:
     """copytree's ignore: .dvc/tmp, and nothing else."""
     return ["tmp"] if Path(folder).name == ".dvc" else []
+
+
+def copy_project(path: Path) -> None:
+    """The project's tracked (and new, unignored) files, committed results included, into path."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
+                            check=True, capture_output=True, text=True).stdout  # fmt: skip
+    for name in listed.splitlines():
+        if (ROOT / name).is_file():
+            (path / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(ROOT / name, path / name)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -24,7 +23,7 @@ import pytest
 
 from tests import browser_page
 from tests.browser_page import dump_dom, grid_cells, plot_marks
-from tests.smoke import ROOT, run
+from tests.smoke import copy_project, run
 
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "MLFLOW_DISABLE_TELEMETRY": "true"}
@@ -58,12 +57,7 @@ def test_missing_chromium_fails_unless_skipping_is_asked(monkeypatch: pytest.Mon
 
 def _clone(path: Path) -> Path:
     """The project's files as a fresh clone has them (committed results included), git-inited."""
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
-                            check=True, capture_output=True, text=True).stdout  # fmt: skip
-    for name in listed.splitlines():
-        if (ROOT / name).is_file():
-            (path / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(ROOT / name, path / name)
+    copy_project(path)
     run(["git", "init", "-q"], path, ENV)
     return path
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ from lab.pipeline import store
 from lab.pipeline.store import Item
 from lab.report import metrics
 from lab.report.load import Results
-from tests.smoke import ROOT, Repo, run
+from tests.smoke import Repo, copy_project, run
 
 NAN = math.nan
 
@@ -159,12 +158,7 @@ def _warnings(result: subprocess.CompletedProcess[str]) -> list[str]:
 
 def _committed_tree(path: Path) -> Path:
     """The project's tracked (and new, unignored) files as a fresh clone has them, in git."""
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
-                            check=True, capture_output=True, text=True).stdout  # fmt: skip
-    for name in listed.splitlines():
-        if (ROOT / name).is_file():
-            (path / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(ROOT / name, path / name)
+    copy_project(path)
     for cmd in (
         ["git", "init", "-q"],
         ["git", "add", "-A"],
