@@ -117,7 +117,7 @@ BAD = {
                        "'nope'", "use one of exact, rejection, confidence, topk, typical"),
     "k-list-with-0": (_set("ksweep", "ks", [2, 0, 4]), "ksweep.ks[1]", "0", "an integer >= 1"),
     "empty-k-list": (_set("ksweep", "ks", []), "ksweep.ks", "[]", "a non-empty list"),
-    "missing-policy-entry": (_drop("policies.params", "typical"), "policies.params.typical",
+    "missing-policy-entry": (_drop("policies.params", "exact"), "policies.params.exact",
                              "missing", "needs an entry here ({} for no parameters)"),
     "missing-drafter-entry": (_drop("drafters.params", "medusa"), "drafters.params.medusa",
                               "missing", "needs an entry here ({} for no settings)"),
