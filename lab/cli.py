@@ -176,6 +176,16 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     b.add_argument("--warmup-tokens", type=int, default=None,
                    help="warm-up run length (default: --max-new-tokens)")  # fmt: skip
+    b.add_argument(
+        "--methods", nargs="+", default=None, metavar="NAME",
+        help="run only these methods (shell patterns, e.g. lab_baseline_static "
+        "'*controlled*_static'), plus the baselines oracle/controlled ones settle on",
+    )  # fmt: skip
+    b.add_argument(
+        "--no-fuse", action="store_true",
+        help="keep q/k/v and gate/up separate on the static engines (on CUDA they are fused "
+        "by default, in place: every method of the run then runs the fused models)",
+    )  # fmt: skip
     b.add_argument("--out", default=None, help="write flat JSON rows + raw/ here (experiments/gpu)")
     b.add_argument("--tag", default=None, help="file prefix under --out (default: device-model)")
 
@@ -212,6 +222,11 @@ def _add_bench_engine(sub: Any) -> None:
     e.add_argument("--bandwidth-mib", type=int, default=None,
                    help="streamed buffer (default: 1024 on CPU, 4096 on GPU)")  # fmt: skip
     e.add_argument("--threads", type=int, default=None, help="torch CPU threads (omit: torch's)")
+    e.add_argument("--no-fuse", action="store_true",
+                   help="unfused q/k/v, gate/up (static engines fuse on CUDA)")  # fmt: skip
+    e.add_argument("--prepack", choices=["both", "on", "off"], default="both",
+                   help="oneDNN-prepacked linears (CPU float32): measure without and with, "
+                   "only with, or only without")  # fmt: skip
     e.add_argument("--out", default="experiments/engine", help="writes <out>/<machine>/*.json")
     e.add_argument("--json", action="store_true", help="print the entries as one JSON list")
 
@@ -418,13 +433,15 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     for a in args.acceptance:
         drafter_settings("controlled", acceptance=a)  # each in [0, 1]
     _check_bench_models(args)
+    _check_bench_methods(args, bench)
     prompts = load_suite(args.prompts, args.categories, args.per_category)
     target, draft = _load_bench_pair(args)
     ids = [encode(p, target.tokenizer) for p in prompts]
     result = bench.run(
         target, draft, ids, args.k, args.max_new_tokens, args.warmup_tokens,
         oracle=args.oracle, static_cache=args.static_cache, compile=args.compile, ks=args.ks,
-        acceptance=args.acceptance,
+        acceptance=args.acceptance, only=args.methods,
+        fuse_projections=False if args.no_fuse else None,
     )  # fmt: skip
     if args.out:
         tag = args.tag or results.default_tag(result)
@@ -443,10 +460,13 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     if result.get("compiled_step_tokens_per_s"):
         replay = result["compiled_step_tokens_per_s"]
         print(f"{'compiled step, replayed':30} {replay:8.2f} tokens/s")
-    print(f"lab baseline / HF generate:       {result['baseline_vs_hf_generate']:.3f}x")
-    print(f"lab speculative / HF assisted:    {result['speculative_vs_hf_assisted']:.3f}x")
-    print(f"lab speculative / lab baseline:   {result['speculative_vs_lab_baseline']:.3f}x")
-    print(f"every output token-identical to greedy: {result['identical']}")
+    ratios = (("lab baseline / HF generate", "baseline_vs_hf_generate"),
+              ("lab speculative / HF assisted", "speculative_vs_hf_assisted"),
+              ("lab speculative / lab baseline", "speculative_vs_lab_baseline"))  # fmt: skip
+    for label, key in ratios:
+        if result[key] is not None:  # both methods ran
+            print(f"{label + ':':34}{result[key]:.3f}x")
+    print(f"every output token-identical to {result['identity_reference']}: {result['identical']}")
     print("speculative step (ms):", json.dumps(result["speculative_steps"]))
     for path, sweep in result.get("ceiling", {}).items():
         for row in sweep:
@@ -458,6 +478,19 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     for info in result["methods"].values():
         if info.get("acceptance") is not None:
             print(bench.controlled_line(info))
+
+
+def _check_bench_methods(args: argparse.Namespace, bench: Any) -> None:
+    """--methods against the methods the other flags give, before any weights load."""
+    from lab.models import random as random_models
+
+    table = bench.select(
+        bench.methods(args.draft, args.oracle, args.static_cache, args.compile, args.acceptance),
+        args.methods,
+    )
+    sizes = [random_models.vocabulary(n, args.trust_remote_code).size
+             for n in (args.target, args.draft)]  # fmt: skip
+    bench.check_selection(table, args.ks, *sizes)
 
 
 def _cmd_bench_engine(args: argparse.Namespace) -> None:
@@ -475,6 +508,8 @@ def _cmd_bench_engine(args: argparse.Namespace) -> None:
     settings = engine.Settings(
         args.prompt_tokens, args.prefill_tokens, args.repeats, args.decode_steps,
         bandwidth_bytes=None if args.bandwidth_mib is None else args.bandwidth_mib * 2**20,
+        fuse=False if args.no_fuse else None,
+        prepack={"both": None, "on": True, "off": False}[args.prepack],
     )  # fmt: skip
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -62,15 +62,16 @@ def make_drafter(
     if name == "controlled" and model is not None and reference is not None:
         a, seed = settings["acceptance"], settings["seed"]
         v = vocab_size(target.model)
-        return ControlledDrafter(DraftModel(model), reference, v, target.device, a, seed)
+        return ControlledDrafter(DraftModel(model, v), reference, v, target.device, a, seed)
     if name == "prompt_lookup":
         return PromptLookup(vocab_size(target.model), settings["max_ngram"], target.device)
     if name == "draft_model" and model is not None:
-        return DraftModel(model)
+        return DraftModel(model, vocab_size(target.model))
     if name == "medusa" and isinstance(draft, MedusaHeads):
-        return MedusaDrafter(target, draft)
+        return MedusaDrafter(target, draft, settings["tree_size"])
     if name == "eagle" and isinstance(draft, EagleHead):
-        return EagleDrafter(target, draft)
+        tree = (settings["tree_size"], settings["depth"], settings["top_k"])
+        return EagleDrafter(target, draft, *tree)
     if name == "controlled":  # the continuations come from a greedy run: lab bench's baseline
         missing = "continuations" if isinstance(draft, LoadedModel) else "draft model"
         raise ValueError(

@@ -94,7 +94,8 @@ def summarize(
     """
     prompts = per_prompt(rows)
     first_rep = steps[steps["repetition"] == 0]
-    proposed = int(first_rep["proposed"].sum())
+    # A token tree's depth (its longest path) plays a chain's K: = proposed for chains.
+    proposed = int(first_rep["depth"].sum())
     out: dict[str, Any] = {
         "prompts": len(prompts),
         "new_tokens": int(prompts["new_tokens"].sum()),
@@ -103,7 +104,7 @@ def summarize(
         "peak_rss_mb": float(rows["peak_rss_mb"].max()),
         "acceptance_rate": float(first_rep["accepted"].sum() / proposed) if proposed else None,
         "mean_accepted_length": float(first_rep["emitted"].mean()) if len(first_rep) else None,
-        "mean_k": float(first_rep["proposed"].mean()) if proposed else None,
+        "mean_k": float(first_rep["depth"].mean()) if proposed else None,
     }
     if rows["peak_cuda_mb"].notna().any():
         out["peak_cuda_mb"] = float(rows["peak_cuda_mb"].max())
@@ -131,9 +132,9 @@ def _paired(
 
 
 def acceptance_ci(steps: pd.DataFrame, seed: int, n: int) -> Interval:
-    """sum(accepted)/sum(proposed) with a bootstrap 95% CI over prompts (None below 3)."""
-    sums = steps[steps["repetition"] == 0].groupby("question_id")[["accepted", "proposed"]].sum()
-    accepted, proposed = sums["accepted"].to_numpy(), sums["proposed"].to_numpy()
+    """sum(accepted)/sum(depth) with a bootstrap 95% CI over prompts (None below 3)."""
+    sums = steps[steps["repetition"] == 0].groupby("question_id")[["accepted", "depth"]].sum()
+    accepted, proposed = sums["accepted"].to_numpy(), sums["depth"].to_numpy()
     if not proposed.sum():
         raise ValueError("no draft token was proposed: acceptance is undefined")
     if len(sums) < MIN_CI_PROMPTS:
@@ -146,11 +147,11 @@ def acceptance_ci(steps: pd.DataFrame, seed: int, n: int) -> Interval:
 
 
 def acceptance_by_position(steps: pd.DataFrame) -> pd.DataFrame:
-    """P(draft position i accepted | at least i proposed), i = 1..max K."""
+    """P(draft position i accepted | at least i proposed), i = 1..max K (tree: path depth)."""
     first = steps[steps["repetition"] == 0]
-    positions = np.arange(1, int(first["proposed"].max()) + 1)
+    positions = np.arange(1, int(first["depth"].max()) + 1)
     # Acceptance is a prefix: position i is kept iff accepted >= i.  (steps, positions)
-    offered = first["proposed"].to_numpy()[:, None] >= positions
+    offered = first["depth"].to_numpy()[:, None] >= positions
     kept = first["accepted"].to_numpy()[:, None] >= positions
     return pd.DataFrame(
         {

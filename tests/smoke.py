@@ -23,7 +23,8 @@ SMOKE = {
     "ksweep": {"ks": [1, 2, 4]},
     # a lossy policy beside exact: the report's perplexity column for lossy methods needs one
     "policies": {"names": ["exact", "typical"]},
-    "distill": {"per_category": 2, "max_new_tokens": 24},
+    "distill": {"per_category": 2, "max_new_tokens": 24, "corpus_tokens": 1024,
+                "sequence_tokens": 128},
     "heads": {"eagle": {"intermediate_size": 64, "epochs": 4}},
     "perplexity": {"window": 128, "stride": 64, "corpus_chars": 2000},
 }  # fmt: skip

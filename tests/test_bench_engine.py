@@ -129,7 +129,13 @@ def test_run_writes_one_file_per_model_dtype_engine(tmp_path: Path) -> None:
     found = bench.run(_load, "tiny-random-qwen2", None, ["float32"], ["dynamic"], CPU, SMALL)
     written = bench.write(found, tmp_path)
     slug = bench.machine_slug(machine.cpu_name())
-    assert written == [tmp_path / slug / "tiny-random-qwen2-float32-dynamic.json"]
+    # CPU float32: measured without, then with prepacked linears (lab.engine.prepack).
+    names = [
+        "tiny-random-qwen2-float32-dynamic.json",
+        "tiny-random-qwen2-float32-dynamic-prepacked.json",
+    ]
+    assert written == [tmp_path / slug / name for name in names]
+    assert [json.loads(p.read_text())["prepacked"] for p in written] == [False, True]
     data = json.loads(written[0].read_text())
     assert data["device"] == machine.cpu_name() and data["machine"] == slug
     assert data["read_bandwidth_bytes_per_s"] > 0 and isinstance(data["cpu_flags"], list)
@@ -152,15 +158,18 @@ def test_compiled_engine_entries(qwen2: models.LoadedModel) -> None:
 
 def test_cli_bench_engine(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = ["bench-engine", "--target", "tiny-random-qwen2", "--engines", "dynamic", "static",
-            "--out", str(tmp_path), "--json", *SMALL_ARGS]  # fmt: skip
+            "--out", str(tmp_path), "--json", "--prepack", "off", *SMALL_ARGS]  # fmt: skip
     assert cli.main(args) == 0
     found = json.loads(capsys.readouterr().out)
-    assert [(e["model"], e["engine"]) for e in found] == [
-        ("tiny-random-qwen2", "dynamic"), ("tiny-random-qwen2", "static"),
+    assert [(e["model"], e["engine"], e["prepacked"]) for e in found] == [
+        ("tiny-random-qwen2", "dynamic", False), ("tiny-random-qwen2", "static", False),
     ]  # fmt: skip
     files = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.json"))
     slug = bench.machine_slug(machine.cpu_name())
     assert files == [f"{slug}/tiny-random-qwen2-float32-{e}.json" for e in ("dynamic", "static")]
+    assert cli.main([*args[: -len(SMALL_ARGS) - 2], "--prepack", "on", *SMALL_ARGS]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert [(e["engine"], e["prepacked"]) for e in found] == [("dynamic", True), ("static", True)]
 
 
 @pytest.mark.parametrize(

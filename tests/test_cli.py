@@ -61,8 +61,8 @@ def _smollm2() -> None:
         (["serve", "--target", "tiny-random-qwen2", "--device", "gpu"], "unknown device 'gpu'"),
         (["bench", "--target", "tiny-random-qwen2", "--draft", "random-qwen2.5-0.5b"],
          "do not share a tokenizer"),
-        (["bench", "--target", "random-qwen2.5-7b", "--draft", "random-qwen2.5-0.5b"],
-         "model vocab_size 152064 vs 151936"),
+        (["bench", "--target", "random-qwen2.5-0.5b", "--draft", "random-qwen2.5-7b"],
+         "model vocab_size 151936 vs 152064"),  # a draft wider than its target
         (["bench-engine", "--target", "random-qwen2.5-0.5b", "--dtypes", "float32", "fp4"],
          "--dtypes fp4: unknown dtype 'fp4': choose from float32, bfloat16, float16"),
         (["bench-engine", "--target", "gpt-17"], "unknown model 'gpt-17'"),

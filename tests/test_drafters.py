@@ -173,5 +173,6 @@ def test_drafter_settings_errors(name, params, message):
 
 def test_drafter_settings_defaults():
     assert drafter_settings("prompt_lookup") == {"max_ngram": 3}
-    assert drafter_settings("medusa", heads="h") == {"heads": "h"}
-    assert drafter_settings("eagle") == {"heads": None}  # a path only matters for loading
+    assert drafter_settings("medusa", heads="h") == {"heads": "h", "tree_size": 16}
+    eagle = {"heads": None, "tree_size": 16, "depth": 5, "top_k": 4}
+    assert drafter_settings("eagle") == eagle  # a path only matters for loading

@@ -100,7 +100,8 @@ def test_settle_adopts_the_paths_own_output(qwen2, prompt_ids, wrong_at):
 
 def _result(verify_ms: list[float], emitted: int, total_ms: float) -> PromptResult:
     steps = [
-        StepRecord(step=i, k=emitted - 1, proposed=emitted - 1, accepted=emitted - 1,
+        StepRecord(step=i, k=emitted - 1, proposed=emitted - 1, depth=emitted - 1,
+                   accepted=emitted - 1,
                    emitted=emitted, draft_ms=0.0, verify_ms=v, step_ms=v, rss_mb=0.0)
         for i, v in enumerate(verify_ms)
     ]  # fmt: skip

@@ -85,7 +85,10 @@ def test_training_logs_every_step(qwen2, data):
     result = training.train(qwen2, train, heldout, settings, log=rows.append)
     losses = [r for r in rows if "loss" in r]
     assert [r["step"] for r in losses] == list(range(1, int(result.metrics["steps"]) + 1))
-    assert sum("heldout_loss" in r for r in rows) == 2  # one per epoch
+    # The held-out checkpoints go to the log too: before training, within the first epoch, and
+    # after each of the two epochs.
+    assert [r for r in rows if "heldout_loss" in r] == result.curve
+    assert [r["epoch"] for r in result.curve if r["step"] in (0, result.metrics["steps"])] == [0, 2]
 
 
 @pytest.mark.parametrize("kind", ["medusa", "eagle"])

@@ -37,8 +37,9 @@ def client(
 
 def _steps(k: int) -> list[dict[str, float]]:
     """Four steps of one generation; `k` is constant, as on the baseline."""
-    return [asdict(StepRecord(step=i, k=k, proposed=k, accepted=i % 2, emitted=1 + i % 2,
-                              draft_ms=0.5 * i, verify_ms=2.0 + i, step_ms=3.0 + i, rss_mb=100.0))
+    return [asdict(StepRecord(step=i, k=k, proposed=k, depth=k, accepted=i % 2,
+                              emitted=1 + i % 2, draft_ms=0.5 * i, verify_ms=2.0 + i,
+                              step_ms=3.0 + i, rss_mb=100.0))
             for i in range(4)]  # fmt: skip
 
 
@@ -87,7 +88,8 @@ def test_import_loads_items_under_one_parent_once(client: MlflowClient, tree: Pa
     steps = client.get_metric_history(k4.info.run_id, "step.verify_ms")
     assert sorted((m.step, m.value) for m in steps)[-1] == (7, 5.0)  # 2 prompts x 4 steps
     assert k4.data.tags["lab.constant_series"] == (
-        "prompt.new_tokens=6, step.accept_ms=0, step.k=4, step.proposed=4, step.rss_mb=100"
+        "prompt.new_tokens=6, step.accept_ms=0, step.depth=4, step.k=4, step.proposed=4, "
+        "step.rss_mb=100"
     )  # fmt: skip
     for absent in ("step.step", "step.prompt_index", "step.k", "prompt.repetition",
                    "prompt.peak_cuda_mb", "peak_cuda_mb"):  # fmt: skip

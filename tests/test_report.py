@@ -485,7 +485,7 @@ def test_lossless_table_lists_differences() -> None:
 
 
 def test_acceptance_by_position_is_conditional() -> None:
-    steps = pd.DataFrame({"repetition": 0, "proposed": [2, 2, 1], "accepted": [2, 0, 1]})
+    steps = pd.DataFrame({"repetition": 0, "depth": [2, 2, 1], "accepted": [2, 0, 1]})
     out = stats.acceptance_by_position(steps).set_index("position")
     assert out.loc[1, "acceptance"] == pytest.approx(2 / 3)  # steps 1 and 3 kept position 1
     assert out.loc[2, "acceptance"] == pytest.approx(1 / 2)  # of the two that offered 2
@@ -774,3 +774,16 @@ def test_gpu_table_is_one_row_per_method_and_device() -> None:
                     ("H200", "oracle", "static"), ("EPYC", "oracle", "dynamic")]  # fmt: skip
     assert table["speedup"].tolist()[1:] == [3.0, 4.0, 2.2]  # the default K (4), not the sweep
     assert "driver" not in table and table["k"].tolist()[1:] == [4, 4, 4]
+
+
+def test_steps_written_before_trees_read_with_depth(experiments: Path, tmp_path: Path) -> None:
+    """A chain's steps.csv without the depth column (written before token trees) reads as depth
+    = proposed, so committed results stay readable; a new one keeps its own depth."""
+    item = store.read_item(experiments / "ksweep" / "k2")
+    old = tmp_path / "k2"
+    shutil.copytree(item.path, old)
+    item.steps.drop(columns="depth").to_csv(old / store.STEPS, index=False)
+    read = store.read_item(old).steps
+    assert list(read.columns) == list(item.steps.columns)
+    assert (read["depth"] == read["proposed"]).all() and read["proposed"].gt(0).any()
+    pd.testing.assert_frame_equal(read, item.steps)

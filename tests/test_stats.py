@@ -31,8 +31,8 @@ def _rows(total_ms: list[float], new_tokens: list[int] | None = None, **extra: A
 
 def _step(proposed: int, accepted: int, emitted: int, draft_ms: float = 0.0) -> StepRecord:
     return StepRecord(
-        step=0, k=proposed, proposed=proposed, accepted=accepted, emitted=emitted,
-        draft_ms=draft_ms, verify_ms=1.0, step_ms=1.0, rss_mb=0.0,
+        step=0, k=proposed, proposed=proposed, depth=proposed, accepted=accepted,
+        emitted=emitted, draft_ms=draft_ms, verify_ms=1.0, step_ms=1.0, rss_mb=0.0,
     )  # fmt: skip
 
 
@@ -185,8 +185,9 @@ def test_prompt_result_rates() -> None:
 
 def _step_frame(qids: list[str], proposed: list[int], accepted: list[int], rep: int = 0) -> Any:
     return pd.DataFrame(
-        {"question_id": qids, "repetition": rep, "proposed": proposed, "accepted": accepted}
-    )
+        {"question_id": qids, "repetition": rep, "proposed": proposed, "depth": proposed,
+         "accepted": accepted}
+    )  # fmt: skip
 
 
 def test_acceptance_ci_pools_tokens() -> None:
@@ -310,7 +311,7 @@ def _item(accepted: list[int], ref_ms: list[float]) -> tuple[pd.DataFrame, pd.Da
     rows["new_tokens"] = [emitted[0] + emitted[1], emitted[2] + emitted[3]]
     steps = pd.DataFrame(
         {"question_id": ["0", "0", "1", "1"], "repetition": 0, "step": [0, 1, 0, 1], "k": 2,
-         "proposed": 2, "accepted": accepted, "emitted": emitted, "draft_ms": 2.0,
+         "proposed": 2, "depth": 2, "accepted": accepted, "emitted": emitted, "draft_ms": 2.0,
          "verify_ms": 3.0, "step_ms": 6.0, "rss_mb": 1.0, "accept_ms": 0.5}
     )  # fmt: skip
     return rows, steps

@@ -23,8 +23,9 @@ import torch
 from lab import machine
 from lab.bench.results import environment
 from lab.bench.roofline import weight_bytes_per_token
-from lab.engine import caches
+from lab.engine import caches, prepack
 from lab.engine.caches import ENGINES, Engine, StaticEngine
+from lab.engine.fuse import is_fused
 from lab.engine.model import LoadedModel
 
 SIZES = tuple(range(1, 10))  # tokens in one forward: decode (1) and verify at K = 1..8
@@ -49,6 +50,10 @@ class Settings:
     prefill_repeats: int = 3
     bandwidth_bytes: int | None = None  # streamed buffer; default 1 GiB on CPU, 4 GiB on GPU
     seed: int = 0
+    fuse: bool | None = None  # fused q/k/v and gate/up on static engines (None: the device's)
+    # oneDNN-prepacked linears for multi-token steps (lab.engine.prepack). None: where they
+    # apply (CPU float32), each engine measured both without and with them, side by side.
+    prepack: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("prompt_tokens", "prefill_tokens", "repeats", "decode_steps",
@@ -94,10 +99,18 @@ def read_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int
     `repeats`: the rate a decode step can read its weights at, measured rather than datasheet."""
     nbytes = nbytes or (4 * GIB if device.type == "cuda" else GIB)
     buffer = torch.ones(nbytes // 4, dtype=torch.float32, device=device)  # (N,): touches all pages
-    buffer.sum()  # first call: kernel selection, thread-pool start
-    best = min(_seconds(buffer.sum, device) for _ in range(repeats))
+    read: Callable[[], object] = buffer.sum
+    if device.type == "cpu":
+        # A decode step reads its weights through MKL's matrix-vector product, which streams
+        # faster than torch.sum on 2 cores (21 against 17.6 GB/s on a Xeon): the probe must
+        # read the way decoding does, or decode would show above 1.0 of its "limit".
+        matrix = buffer.view(-1, 4096)  # (N / 4096, 4096)
+        vector = torch.ones(4096, dtype=torch.float32)
+        read = partial(torch.mv, matrix, vector)
+    read()  # first call: kernel selection, thread-pool start
+    best = min(_seconds(read, device) for _ in range(repeats))
     size = buffer.numel() * buffer.element_size()
-    del buffer
+    del buffer, read
     return size / best
 
 
@@ -124,10 +137,10 @@ def sizes_for(engine_name: str) -> tuple[int, ...]:
     return COMPILED_SIZES if engine_name == "compiled" else SIZES
 
 
-def make_engine(lm: LoadedModel, name: str, max_len: int) -> Engine:
+def make_engine(lm: LoadedModel, name: str, max_len: int, fuse: bool | None = None) -> Engine:
     """The named engine around a loaded model, with fixed steps of sizes_for(name)."""
     check_engines([name])
-    return caches.make_engine(lm, name, max_len, sizes=sizes_for(name))
+    return caches.make_engine(lm, name, max_len, sizes=sizes_for(name), fuse=fuse)
 
 
 def token_ids(lm: LoadedModel, n: int, seed: int) -> list[int]:
@@ -243,7 +256,7 @@ def bench_engine(
 ) -> list[dict[str, Any]]:  # fmt: skip
     """The target's (and the draft's) entries on one engine; the target's carries c."""
     lms = [target] if draft is None else [target, draft]
-    engines = [make_engine(lm, engine_name, settings.max_len) for lm in lms]
+    engines = [make_engine(lm, engine_name, settings.max_len, settings.fuse) for lm in lms]
     prompts = [token_ids(lm, settings.prompt_tokens, settings.seed) for lm in lms]
     long = [token_ids(lm, settings.prefill_tokens, settings.seed + 2) for lm in lms]
     for engine, ids in zip(engines, prompts, strict=True):
@@ -257,7 +270,10 @@ def bench_engine(
         entry = _entry(lm, engine_name, bandwidth, step, costs, prefill, settings)
         compile_s = engine.compile_s if isinstance(engine, StaticEngine) else 0.0
         role = "target" if lm is target else "draft"
-        entries.append(entry | {"role": role, "compile_s": compile_s, "draft": None, "c": None})
+        fused = is_fused(lm.model)  # in place: what this engine's steps ran
+        packed = prepack.is_prepacked(lm.model)
+        entries.append(entry | {"role": role, "compile_s": compile_s, "draft": None, "c": None,
+                                "fused": fused, "prepacked": packed})  # fmt: skip
     if draft is not None:
         # c: the draft's cost per proposed token over the target's decode step (DESIGN.md).
         entries[0] |= {"draft": draft.name, "c": steps[1] / steps[0]}
@@ -290,12 +306,27 @@ def run(
     for dtype in dtypes:
         lm = load(target, dtype)
         small = load(draft, dtype) if draft else None
-        for name in engines:
-            for entry in bench_engine(lm, small, name, bandwidth, settings):
-                out.append(where | entry | {"settings": asdict(settings)})
-            _free(device)
+        for packed in _prepack_variants(lm, settings.prepack):
+            for model in [m for m in (lm, small) if m is not None] if packed else []:
+                prepack.prepack(model.model)
+            for name in engines:
+                for entry in bench_engine(lm, small, name, bandwidth, settings):
+                    out.append(where | entry | {"settings": asdict(settings)})
+                _free(device)
         del lm, small
     return out
+
+
+def _prepack_variants(lm: LoadedModel, setting: bool | None) -> list[bool]:
+    """Without, then with prepacked linears: both where they apply unless the setting says."""
+    applies = prepack.applies(lm.device, lm.dtype)
+    if setting and not applies:
+        raise ValueError(
+            f"prepacked linears need a CPU float32 model, not {lm.dtype} on {lm.device}"
+        )
+    if setting is None:
+        return [False, True] if applies else [False]
+    return [setting]
 
 
 def _free(device: torch.device) -> None:
@@ -310,7 +341,8 @@ def _free(device: torch.device) -> None:
 def file_name(entry: dict[str, Any]) -> str:
     """<model>-<dtype>-<engine>.json, the model's '/' made safe."""
     model = re.sub(r"[^A-Za-z0-9._-]+", "_", entry["model"])
-    return f"{model}-{entry['dtype']}-{entry['engine']}.json"
+    packed = "-prepacked" if entry.get("prepacked") else ""
+    return f"{model}-{entry['dtype']}-{entry['engine']}{packed}.json"
 
 
 def write(entries: Sequence[dict[str, Any]], folder: Path) -> list[Path]:
@@ -329,6 +361,7 @@ def summary_line(entry: dict[str, Any]) -> str:
     c = f", c {entry['c']:.3f}" if entry.get("c") is not None else ""
     return (
         f"{entry['model']:28} {entry['dtype']:9} {entry['engine']:9} "
+        f"{'prepacked ' if entry.get('prepacked') else ''}"
         f"decode {entry['decode_tokens_per_s']:8.2f} tok/s "
         f"({entry['fraction_of_bandwidth_limit']:.3f} of the bandwidth limit), "
         f"verify(K=4)/decode {entry['verify_over_decode_k4']:.2f}{c}, "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import fnmatch
 import random
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -17,8 +18,9 @@ from lab.bench import roofline
 from lab.bench.results import environment
 from lab.drafting.controlled import expected_accepted, expected_tau
 from lab.drafting.draft_model import DRAFT_STEP_SIZES, DraftModel
+from lab.drafting.heads import vocab_size
 from lab.drafting.oracle import OracleDrafter, RunOracle, settle
-from lab.engine import caches, loop
+from lab.engine import caches, fuse, loop
 from lab.engine.caches import StaticEngine
 from lab.engine.controllers import FixedK
 from lab.engine.loop import Speculation
@@ -30,6 +32,8 @@ from lab.method import Method, make_drafter
 from lab.stats import step_breakdown
 
 ORACLE = "lab_speculative_oracle"
+# What every method's tokens are held against, the first of these a run includes.
+IDENTITY_REFERENCES = ("hf_generate", "lab_baseline", "lab_baseline_static")
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,44 @@ def methods(
             name = controlled_name(a, static=True)
             out[name] = BenchMethod(static, "controlled", "lab_baseline_static", a)
     return out
+
+
+def select(table: dict[str, BenchMethod], patterns: Sequence[str] | None) -> dict[str, BenchMethod]:
+    """The methods matching any of the shell patterns (None: all), in the table's order, with
+    the baseline each oracle or controlled method settles on (its right tokens are that
+    baseline's output). A pattern that matches none raises, naming this run's methods."""
+    if patterns is None:
+        return table
+    chosen: set[str] = set()
+    for pattern in patterns:
+        hits = fnmatch.filter(table, pattern)
+        if not hits:
+            raise ValueError(
+                f"--methods {pattern!r} matches no method of this run: use some of "
+                f"{', '.join(table)} (shell patterns such as '*_static' work; --oracle, "
+                "--static-cache/--compile and --acceptance add methods)"
+            )
+        chosen.update(hits)
+    for name in list(chosen):
+        spec = table[name]
+        if spec.drafter in ("oracle", "controlled") and spec.reference is not None:
+            chosen.add(spec.reference)
+    return {name: spec for name, spec in table.items() if name in chosen}
+
+
+def check_selection(
+    table: dict[str, BenchMethod], ks: Sequence[int] | None, vocab: int, draft_vocab: int
+) -> None:
+    """Refuse, before any model loads, a selection this run cannot measure."""
+    if ks and not {"lab_baseline", "lab_baseline_static"} & table.keys():
+        raise ValueError("--ks measures the oracle against a lab baseline: --methods must "
+                         "include lab_baseline or lab_baseline_static")  # fmt: skip
+    if "hf_assisted" in table and vocab != draft_vocab:
+        raise ValueError(
+            f"hf_assisted: HF's assisted generation refuses a draft whose vocab_size differs "
+            f"from the target's ({draft_vocab} vs {vocab}) unless it retokenizes text; leave it "
+            "out with --methods (lab's loops pad the draft's logits to the target's width)"
+        )
 
 
 @contextmanager
@@ -173,6 +215,7 @@ def _runners(
     """
     engine, draft_engine = engines if engines is not None else (None, None)
     exact = get_policy("exact")
+    vocab = vocab_size(target.model)  # a narrower draft's logits are padded to it
 
     def dynamic(oracle: OracleDrafter, ids: list[int], n: int) -> PromptResult:
         return loop.generate(target, ids, n, speculation=Speculation(oracle, exact, FixedK(k)))
@@ -182,7 +225,7 @@ def _runners(
         "lab_baseline": lambda ids, n: loop.generate(target, ids, n),
         "hf_assisted": lambda ids, n: _hf(target, ids, n, assistant_model=draft.model),
         "lab_speculative": lambda ids, n: loop.generate(
-            target, ids, n, speculation=Speculation(DraftModel(draft), exact, FixedK(k))
+            target, ids, n, speculation=Speculation(DraftModel(draft, vocab), exact, FixedK(k))
         ),
         ORACLE: OracleRunner(dynamic, target, "lab_baseline", baselines),
     }
@@ -200,8 +243,9 @@ def _runners(
 
         runners["lab_baseline_static"] = lambda ids, n: loop.generate(engine, ids, n)
         runners["lab_speculative_static"] = lambda ids, n: loop.generate(
-            engine, ids, n, speculation=Speculation(DraftModel(draft_engine), exact, FixedK(k))
-        )
+            engine, ids, n,
+            speculation=Speculation(DraftModel(draft_engine, vocab), exact, FixedK(k)),
+        )  # fmt: skip
         runners["lab_speculative_oracle_static"] = OracleRunner(
             static, target, "lab_baseline_static", baselines
         )
@@ -229,15 +273,20 @@ def _static_engines(
     ks: list[int],
     max_new_tokens: int,
     compile: bool,
+    fuse_projections: bool | None = None,
 ) -> tuple[StaticEngine, StaticEngine]:
     """Target and draft engines for the whole run (graphs are tied to their caches), compiled
-    and captured now: the draft model on the fast path too, not eager on a dynamic cache."""
+    and captured now: the draft model on the fast path too, not eager on a dynamic cache.
+
+    fuse_projections (None: the device's default) fuses both models in place, before any
+    method runs: every method of the run, HF's included, then runs the fused models."""
     # Eager steps gain nothing from fixed shapes; graphs need them (one per K, tails padded).
     sizes = [1] + [k + 1 for k in ks] if compile else []
     max_len = caches.cache_length(prompts, max_new_tokens, max(ks))
-    engine = StaticEngine(target, max_len, compile=compile, sizes=sizes)
+    fused = fuse.default_fuse(target.device) if fuse_projections is None else fuse_projections
+    engine = StaticEngine(target, max_len, compile=compile, sizes=sizes, fuse=fused)
     draft_sizes = DRAFT_STEP_SIZES if compile else ()
-    draft_engine = StaticEngine(draft, max_len, compile=compile, sizes=draft_sizes)
+    draft_engine = StaticEngine(draft, max_len, compile=compile, sizes=draft_sizes, fuse=fused)
     if compile:
         engine.warmup(prompts[0])
         draft_engine.warmup(prompts[0])
@@ -250,10 +299,11 @@ def _method_summary(
     tokens: list[list[int]],
     seconds: float,
     results: list[PromptResult],
-    reference: list[list[int]],
+    reference: list[list[int]] | None,
     tps: dict[str, float],
 ) -> dict[str, Any]:
-    """tokens/s, speed-up over its reference, acceptance and token identity of one method."""
+    """tokens/s, speed-up over its reference, acceptance and token identity of one method
+    (None where the run left its reference out)."""
     proposed = sum(s.proposed for r in results for s in r.steps)
     accepted = sum(s.accepted for r in results for s in r.steps)
     peaks = [r.peak_cuda_mb for r in results if r.peak_cuda_mb is not None]
@@ -266,13 +316,13 @@ def _method_summary(
         "ttft_ms": sum(r.ttft_ms for r in results) / len(results) if results else None,
         "new_tokens": sum(map(len, tokens)),
         "seconds": seconds,
-        "speedup": tps[name] / tps[method.reference] if method.reference else None,
+        "speedup": tps[name] / tps[method.reference] if method.reference in tps else None,
         "speedup_over": method.reference,
         "acceptance_rate": accepted / proposed if proposed else None,
-        "identical": tokens == reference,
-        "first_difference": [
-            _first_difference(t, r) for t, r in zip(tokens, reference, strict=True)
-        ],
+        "identical": None if reference is None else tokens == reference,
+        "first_difference": None
+        if reference is None
+        else [_first_difference(t, r) for t, r in zip(tokens, reference, strict=True)],
         "peak_cuda_mb": max(peaks) if peaks else None,
         "steps": _step_breakdown(results) if results else None,
     }
@@ -336,6 +386,8 @@ def run(
     compile: bool = False,
     ks: list[int] | None = None,
     acceptance: Sequence[float] = (),
+    only: Sequence[str] | None = None,
+    fuse_projections: bool | None = None,
 ) -> dict[str, Any]:
     """Time every method on every prompt in one process; tokens/s, ratios and token identity.
 
@@ -343,13 +395,17 @@ def run(
     on a StaticCache (captured as CUDA graphs); ks measures the oracle's speed-up against its
     bound (K+1) * t_decode / t_verify(K+1) for each K, on every lab cache path; acceptance adds,
     per a and lab cache path, the controlled drafter (the draft model's cost, acceptance a)
-    against Leviathan's prediction.
+    against Leviathan's prediction. only: shell patterns of the methods to run (select);
+    fuse_projections: see _static_engines.
     """
-    table = methods(draft.name, oracle, static_cache, compile, acceptance)
+    table = select(methods(draft.name, oracle, static_cache, compile, acceptance), only)
+    check_selection(table, ks, vocab_size(target.model), vocab_size(draft.model))
     baselines: Baselines = {"lab_baseline": {}, "lab_baseline_static": {}}
     engine, engines = None, None
     if static_cache or compile:
-        engines = _static_engines(target, draft, prompts, [k, *(ks or [])], max_new_tokens, compile)
+        engines = _static_engines(
+            target, draft, prompts, [k, *(ks or [])], max_new_tokens, compile, fuse_projections
+        )
         engine = engines[0]
     runners = _runners(target, draft, k, engines, baselines, acceptance)
     clock = Clock(target.device)
@@ -389,7 +445,8 @@ def run(
                     lab_results[method].append(out)
                 tokens[method].append(token_ids(method, ids, out))
     tps = {m: sum(map(len, tokens[m])) / seconds[m] for m in table}
-    reference = tokens["hf_generate"]
+    identity = next((m for m in IDENTITY_REFERENCES if m in table), None)
+    reference = tokens[identity] if identity else None
     summaries = {
         m: _method_summary(m, spec, tokens[m], seconds[m], lab_results[m], reference, tps)
         for m, spec in table.items()
@@ -402,6 +459,10 @@ def run(
             base = lab_results[spec.reference]
             summaries[m] |= _controlled_summary(spec.acceptance, k, lab_results[m], base)
     limit = roofline.bandwidth_limit(target)
+
+    def ratio(a: str, b: str) -> float | None:
+        return tps[a] / tps[b] if a in tps and b in tps else None
+
     result: dict[str, Any] = {
         "target": target.name,
         "draft": draft.name,
@@ -421,14 +482,17 @@ def run(
             if limit and spec.drafter is None
         },
         "new_tokens": {m: sum(map(len, tokens[m])) for m in table},
-        "baseline_vs_hf_generate": tps["lab_baseline"] / tps["hf_generate"],
-        "speculative_vs_hf_assisted": tps["lab_speculative"] / tps["hf_assisted"],
-        "speculative_vs_lab_baseline": tps["lab_speculative"] / tps["lab_baseline"],
-        "identical": all(tokens[m] == reference for m in table),
-        "identical_per_method": {m: tokens[m] == reference for m in table},
-        "speculative_steps": summaries["lab_speculative"]["steps"],
-        "baseline_steps": summaries["lab_baseline"]["steps"],
+        "baseline_vs_hf_generate": ratio("lab_baseline", "hf_generate"),
+        "speculative_vs_hf_assisted": ratio("lab_speculative", "hf_assisted"),
+        "speculative_vs_lab_baseline": ratio("lab_speculative", "lab_baseline"),
+        "identity_reference": identity,
+        "identical": None if reference is None else all(tokens[m] == reference for m in table),
+        "identical_per_method": {m: summaries[m]["identical"] for m in table},
+        "speculative_steps": summaries.get("lab_speculative", {}).get("steps"),
+        "baseline_steps": summaries.get("lab_baseline", {}).get("steps"),
         "methods": summaries,
+        # In place, before any method ran: every method of this run ran the fused models.
+        "fused": {"target": fuse.is_fused(target.model), "draft": fuse.is_fused(draft.model)},
     }
     if engine is not None:
         result["static"] = _static_info(engine, prompts[0], max_new_tokens)
@@ -477,16 +541,17 @@ def _ceilings(
     ks: list[int],
     max_new_tokens: int,
 ) -> dict[str, list[dict[str, Any]]]:
-    """The oracle K sweep against its bound on each lab cache path."""
+    """The oracle K sweep against its bound on each lab cache path whose baseline ran."""
     exact = get_policy("exact")
 
     def dynamic(oracle: OracleDrafter, k: int, ids: list[int], n: int) -> PromptResult:
         return loop.generate(target, ids, n, speculation=Speculation(oracle, exact, FixedK(k)))
 
-    out = {
-        "dynamic": roofline.ceiling(dynamic, target, baselines["lab_baseline"], ks, max_new_tokens)
-    }
-    if engine is not None:
+    out: dict[str, list[dict[str, Any]]] = {}
+    if "lab_baseline" in table:
+        base = baselines["lab_baseline"]
+        out["dynamic"] = roofline.ceiling(dynamic, target, base, ks, max_new_tokens)
+    if engine is not None and "lab_baseline_static" in table:
 
         def static(oracle: OracleDrafter, k: int, ids: list[int], n: int) -> PromptResult:
             return loop.generate(engine, ids, n, speculation=Speculation(oracle, exact, FixedK(k)))

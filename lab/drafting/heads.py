@@ -162,14 +162,19 @@ class EagleHead(nn.Module):
         next_embeds: torch.Tensor,
         cache: DynamicCache | None = None,
         attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """(B, L, H) features and (B, L, H) next-token embeddings -> (B, L, H) next features."""
+        """(B, L, H) features and (B, L, H) next-token embeddings -> (B, L, H) next features.
+
+        A (B, 1, L, cached + L) attention_mask with (B, L) position_ids lets the L inputs be
+        nodes of a token tree (EAGLE-2); without them the inputs follow the cache as a chain.
+        """
         inputs = self.fc(
             torch.cat([self.feature_norm(features), self.embed_norm(next_embeds)], dim=-1)
         )  # (B, L, H)
         out = self.layer(
-            inputs_embeds=inputs, attention_mask=attention_mask, cache=cache,
-            use_cache=cache is not None,
+            inputs_embeds=inputs, attention_mask=attention_mask, position_ids=position_ids,
+            cache=cache, use_cache=cache is not None,
         )  # fmt: skip
         return out.last_hidden_state
 

@@ -6,8 +6,8 @@ from typing import Any
 
 from lab.drafting.controlled import ControlledDrafter, check_settings
 from lab.drafting.draft_model import DraftModel
-from lab.drafting.eagle import EagleDrafter
-from lab.drafting.medusa import MedusaDrafter
+from lab.drafting.eagle import EagleDrafter, check_tree_settings
+from lab.drafting.medusa import MAX_TREE_SIZE, MedusaDrafter
 from lab.drafting.prompt_lookup import PromptLookup
 
 DRAFTERS: dict[str, type[DraftModel] | type[PromptLookup] | type[MedusaDrafter]
@@ -22,11 +22,13 @@ DRAFTERS: dict[str, type[DraftModel] | type[PromptLookup] | type[MedusaDrafter]
 # Each drafter's settings with their defaults (params.yaml drafters.params.<name>, the CLI).
 # heads: the folder of trained heads (lab.drafting.heads.save) that the pipeline and the CLI load.
 # controlled: the draft model's cost at a chosen per-token acceptance (lab bench --acceptance).
+# medusa tree_size: nodes of Medusa's static candidate tree (lab.drafting.medusa); null: a chain.
+# eagle tree_size/depth/top_k: EAGLE-2's dynamic tree (lab.drafting.eagle); tree_size null: a chain.
 DRAFTER_SETTINGS: dict[str, dict[str, Any]] = {
     "draft_model": {},
     "prompt_lookup": {"max_ngram": 3},
-    "medusa": {"heads": None},
-    "eagle": {"heads": None},
+    "medusa": {"heads": None, "tree_size": 16},
+    "eagle": {"heads": None, "tree_size": 16, "depth": 5, "top_k": 4},
     "controlled": {"acceptance": 0.7, "seed": 0},
 }
 
@@ -52,4 +54,19 @@ def drafter_settings(name: str, **params: Any) -> dict[str, Any]:
         )
     if name == "controlled":
         check_settings(settings["acceptance"], settings["seed"])
+    if name == "medusa":
+        _check_tree_size(name, settings["tree_size"], MAX_TREE_SIZE)
+    if name == "eagle":
+        check_tree_settings(settings["tree_size"], settings["depth"], settings["top_k"])
     return settings
+
+
+def _check_tree_size(name: str, size: Any, largest: int) -> None:
+    """A tree size is null (a chain) or an integer in 1..largest."""
+    whole = isinstance(size, int) and not isinstance(size, bool)
+    if size is None or (whole and 1 <= size <= largest):
+        return
+    raise ValueError(
+        f"drafter {name!r}: tree_size must be null (a chain) or an integer from 1 to {largest} "
+        f"(the nodes of its candidate tree), got {size!r}"
+    )

@@ -21,7 +21,10 @@ from typing import Protocol
 
 import torch
 from transformers import DynamicCache, StaticCache
+from transformers.cache_utils import DynamicLayer
 
+from lab.engine import fuse as fusion
+from lab.engine import tree
 from lab.engine.model import LoadedModel
 
 # Every step size (and the cache-length guard) is one dynamo cache entry of the same code
@@ -55,6 +58,22 @@ def rollback(cache: DynamicCache, length: int) -> None:
         cache.crop(-extra)
 
 
+def keep_slots(cache: DynamicCache, length: int, slots: list[int]) -> None:
+    """Keep positions [0, length) and then the cached positions in slots, in that order."""
+    if slots != list(range(length, length + len(slots))):  # a chain's prefix needs no copy
+        for layer in cache.layers:
+            if type(layer) is not DynamicLayer:  # a sliding window would shift the slots
+                kind = type(layer).__name__
+                raise ValueError(f"token trees compact plain DynamicCache layers only, not {kind}")
+            keys, values = layer.keys, layer.values  # (B, heads, positions, D)
+            assert keys is not None and values is not None
+            index = torch.tensor(slots, device=keys.device)
+            # Gather first (a copy), then write: sources and destinations may overlap.
+            keys[..., length : length + len(slots), :] = keys[..., index, :]
+            values[..., length : length + len(slots), :] = values[..., index, :]
+    rollback(cache, length + len(slots))
+
+
 class Engine(Protocol):
     """A model with its KV cache: prefill, forward new tokens, roll back.
 
@@ -73,6 +92,16 @@ class Engine(Protocol):
     ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
     def rollback(self, length: int) -> None: ...
+
+    def forward_tree(
+        self, input_ids: torch.Tensor, parents: torch.Tensor, hidden: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(1, N+1) root + tree nodes (lab.engine.tree) -> (N+1, V) logits, all in one forward."""
+        ...
+
+    def keep_path(self, length: int, path: list[int]) -> None:
+        """After forward_tree: keep positions [0, length) (root included), then path's nodes."""
+        ...
 
 
 class DynamicEngine:
@@ -102,6 +131,24 @@ class DynamicEngine:
         """Drop cached positions at or past length."""
         rollback(self.cache, length)
 
+    def forward_tree(
+        self, input_ids: torch.Tensor, parents: torch.Tensor, hidden: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(1, N+1) root + nodes -> (N+1, V) logits under the tree mask and per-node positions."""
+        past = self.cache.get_seq_length()
+        model, device = self.lm.model, self.lm.device
+        out = model(
+            input_ids=input_ids, cache=self.cache, use_cache=True,
+            attention_mask=tree.attention_mask(parents, past, model.dtype, device),  # (1,1,N+1,L)
+            position_ids=tree.position_ids(parents.to(device), past),  # (1, N+1)
+            logits_to_keep=input_ids.shape[1], output_hidden_states=hidden,
+        )  # fmt: skip
+        return out.logits[0], out.hidden_states[-1][0] if hidden else None
+
+    def keep_path(self, length: int, path: list[int]) -> None:
+        """Keep [0, length) and the path's nodes (node i sits at length + i after forward_tree)."""
+        keep_slots(self.cache, length, [length + node for node in path])
+
 
 class StaticEngine:
     """A preallocated StaticCache; steps of the sizes in `sizes` run as (compiled) fixed shapes.
@@ -112,11 +159,17 @@ class StaticEngine:
     up to the next one with copies of its last token; the padded positions are written past
     the valid prefix and dropped at once, so a K sweep needs one graph per K, not one per tail
     length. Steps longer than every size (and all steps when `sizes` is empty) run as they come.
+    fuse=True fuses the model's q/k/v and gate/up projections in place (lab.engine.fuse): every
+    engine on that model then runs them fused.
     """
 
     def __init__(
-        self, lm: LoadedModel, max_len: int, compile: bool = False, sizes: Iterable[int] = ()
-    ) -> None:
+        self, lm: LoadedModel, max_len: int, compile: bool = False, sizes: Iterable[int] = (),
+        fuse: bool = False,
+    ) -> None:  # fmt: skip
+        if fuse:
+            fusion.fuse(lm.model)
+        self.fused = fusion.is_fused(lm.model)
         self.lm = lm
         self.max_len = max_len
         self.cache = StaticCache(config=lm.model.config, max_cache_len=max_len)
@@ -167,6 +220,16 @@ class StaticEngine:
         self.length += size
         self.rollback(self.length - (size - n))
         return logits, None
+
+    def forward_tree(
+        self, input_ids: torch.Tensor, parents: torch.Tensor, hidden: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token trees are verified on the dynamic engine only."""
+        raise ValueError(_NO_TREES)
+
+    def keep_path(self, length: int, path: list[int]) -> None:
+        """Token trees are verified on the dynamic engine only."""
+        raise ValueError(_NO_TREES)
 
     def rollback(self, length: int) -> None:
         """Move the write position back to length (stale entries are masked, then overwritten)."""
@@ -228,6 +291,13 @@ class StaticEngine:
             )
 
 
+_NO_TREES = (
+    "token trees (a drafter's proposal with parents, e.g. medusa's tree_size) are verified on "
+    "the dynamic engine only: use the dynamic engine (static_cache: false), or a chain "
+    "(tree_size: null)"
+)
+
+
 def _no_hidden(hidden: bool) -> None:
     if hidden:
         raise ValueError(
@@ -280,16 +350,22 @@ ENGINES = ("dynamic", "static", "compiled")
 
 
 def make_engine(
-    lm: LoadedModel, kind: str, max_len: int | None = None, sizes: Iterable[int] = ()
-) -> DynamicEngine | StaticEngine:
-    """The engine named kind for lm; static and compiled need max_len (see cache_length)."""
+    lm: LoadedModel, kind: str, max_len: int | None = None, sizes: Iterable[int] = (),
+    fuse: bool | None = None,
+) -> DynamicEngine | StaticEngine:  # fmt: skip
+    """The engine named kind for lm; static and compiled need max_len (see cache_length).
+
+    fuse: whether a static or compiled engine fuses the model's projections (None: the
+    device's default, lab.engine.fuse.default_fuse); the dynamic reference never fuses.
+    """
     if kind == "dynamic":
         return DynamicEngine(lm)
     if kind not in ENGINES:
         raise ValueError(f"unknown engine {kind!r}: use one of {', '.join(ENGINES)}")
     if max_len is None:
         raise ValueError(f"a {kind} engine needs max_len: prompt + max_new_tokens + K + 1")
-    return StaticEngine(lm, max_len, compile=kind == "compiled", sizes=sizes)
+    fuse = fusion.default_fuse(lm.device) if fuse is None else fuse
+    return StaticEngine(lm, max_len, compile=kind == "compiled", sizes=sizes, fuse=fuse)
 
 
 def engine_for(lm: LoadedModel | Engine) -> Engine:

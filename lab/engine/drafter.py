@@ -12,10 +12,18 @@ from lab.engine.sampling import Sampler
 
 @dataclass
 class Proposal:
-    """P <= K draft tokens (P,) and, for lossless sampling, the (P, V) distributions behind them."""
+    """Draft tokens (N,): a chain of N <= K, or a token tree of depth <= K (lab.engine.tree).
+
+    probs: for lossless sampling, the (N, V) distribution each token was drafted from (node i's:
+    the draft distribution at its parent), else None. parents: None for a chain (node i follows
+    node i - 1); for a tree, (N,) long, each node's parent index in tokens, -1 for the root (the
+    last emitted token), in topological order (parents[i] < i). Rejection sampling on a tree
+    needs each node to be an independent draw from its probs row (siblings with replacement).
+    """
 
     tokens: torch.Tensor
     probs: torch.Tensor | None
+    parents: torch.Tensor | None = None
 
 
 class Drafter(Protocol):

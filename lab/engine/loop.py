@@ -2,7 +2,9 @@
 
 Each step: choose K -> draft -> verify in one target forward -> accept -> emit -> roll back both
 caches -> update the controller. With no speculation K is 0, so a step is one decode forward and
-the sampled token; the same clock points time every phase for every method.
+the sampled token; the same clock points time every phase for every method. A drafter may
+propose a token tree instead of a chain (Proposal.parents): the step then verifies every node in
+one forward and keeps one root-to-leaf path (_tree_step).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lab.engine import tree
 from lab.engine.caches import Engine, engine_for
 from lab.engine.controllers import Controller
 from lab.engine.drafter import Drafter, Proposal
@@ -95,6 +98,10 @@ def _step(engine: Engine, session: Session, speculation: Speculation | None) -> 
     # 2. Draft up to K tokens: (P,) ids on the target's device, P <= K (a drafter may find
     # fewer, e.g. prompt lookup without a match; P = 0 makes this a plain decode step).
     proposal = _draft(speculation, sequence, k, session.sampler) if speculation and k else None
+    if proposal is not None and proposal.parents is not None and len(proposal.tokens):
+        assert speculation is not None
+        _tree_step(engine, session, speculation, proposal, k_chosen, k, step_start)
+        return
     draft_tokens = (
         proposal.tokens.to(device) if proposal else torch.empty(0, dtype=torch.long, device=device)
     )
@@ -123,9 +130,53 @@ def _step(engine: Engine, session: Session, speculation: Speculation | None) -> 
     if speculation is not None and proposed:
         speculation.controller.update(proposed, verdict.accepted)
     session.record(
-        k=k_chosen, proposed=proposed, accepted=verdict.accepted, emitted=emitted,
+        k=k_chosen, proposed=proposed, depth=proposed, accepted=verdict.accepted, emitted=emitted,
         draft_ms=verify_start - step_start if speculation else 0.0,
         verify_ms=verify_end - verify_start,
+        accept_ms=accept_end - verify_end, step_ms=clock.now() - step_start,
+    )  # fmt: skip
+
+
+def _tree_step(
+    engine: Engine,
+    session: Session,
+    speculation: Speculation,
+    proposal: Proposal,
+    k_chosen: int,
+    k: int,
+    step_start: float,
+) -> None:
+    """Steps 3-7 for a token tree: verify all N nodes at once, keep the accepted path."""
+    assert proposal.parents is not None
+    clock, device, sampler = session.clock, engine.lm.device, session.sampler
+    sequence = session.sequence
+    draft_tokens, parents = proposal.tokens.to(device), proposal.parents.to(device)  # (N,), (N,)
+    depth = max(tree.check(draft_tokens, parents, k), default=0)
+    rule = speculation.policy.tree_rule()
+    verify_start = clock.now()
+    # 3. One forward scores root + N nodes under the tree mask: (N+1, V) and (N+1, H) | None.
+    ids = torch.cat([torch.tensor(sequence[-1:], device=device), draft_tokens])[None]
+    hidden = speculation.drafter.needs_hidden
+    target_logits, target_hidden = engine.forward_tree(ids, parents, hidden)
+    verify_end = clock.now()
+    # 4. The policy picks one root-to-leaf path and the target's token after it.
+    verdict = rule(draft_tokens, parents, proposal.probs, target_logits, sampler)
+    path = verdict.path
+    # 5. Emit the path plus the correction/bonus token, cut at EOS and max_new_tokens.
+    emitted = session.emit(draft_tokens[path].tolist() + [verdict.next_token])
+    # 6. Both caches keep the root and the path, in path order, as if it had been a chain:
+    # feature drafters see the (1 + accepted, H) states of root + path from position len - 1.
+    valid = len(sequence) + len(path)
+    engine.keep_path(len(sequence), path)
+    if target_hidden is not None:
+        speculation.drafter.observe(target_hidden[[0, *(1 + n for n in path)]], len(sequence) - 1)
+    speculation.drafter.rollback(valid)
+    accept_end = clock.now()
+    # 7. The controller sees the tree as a chain of its depth.
+    speculation.controller.update(depth, len(path))
+    session.record(
+        k=k_chosen, proposed=len(draft_tokens), depth=depth, accepted=len(path), emitted=emitted,
+        draft_ms=verify_start - step_start, verify_ms=verify_end - verify_start,
         accept_ms=accept_end - verify_end, step_ms=clock.now() - step_start,
     )  # fmt: skip
 

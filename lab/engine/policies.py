@@ -1,7 +1,8 @@
 """Acceptance policies: how many draft tokens to keep, and which token to emit after them.
 
 exact and rejection are lossless; confidence, topk and typical are lossy (faster, not the
-target's output distribution).
+target's output distribution). Each also has a token-tree form (a TreePolicy, lab.engine.tree),
+which picks one root-to-leaf path of a drafted tree by the same rule.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from typing import Any
 
 import torch
 
+from lab.engine import tree
 from lab.engine.sampling import Sampler
+from lab.engine.tree import TreeVerdict
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,53 @@ def rejection_sampling(
     return Verdict(accepted, int(sampler.sample(residual / residual.sum())))
 
 
+def rejection_tree(
+    draft_tokens: torch.Tensor,
+    parents: torch.Tensor,
+    draft_probs: torch.Tensor | None,
+    target_logits: torch.Tensor,
+    sampler: Sampler,
+) -> TreeVerdict:
+    """Lossless multi-draft speculative sampling on a tree (SpecInfer, Miao et al. 2024).
+
+    At each node its children are tried in order, each a standard speculative-sampling step
+    against the residual left by the rejected ones: keep child j with probability
+    min(1, residual(x_j) / draft_probs_j(x_j)), else residual <- max(0, residual - draft_probs_j),
+    renormalised; when every child is rejected, emit a draw from the residual. Lossless only if
+    each child is an independent draw from its draft_probs row (siblings drawn with replacement):
+    top-k candidates are not draws, and their trees need exact.
+    """
+    target_probs = sampler.probs(target_logits)  # (N+1, V)
+    if len(draft_tokens) and draft_probs is None:
+        raise ValueError("rejection_tree needs the drafter's probabilities (draft_probs)")
+    tokens, kids = draft_tokens.tolist(), tree.children(parents.tolist())
+    path: list[int] = []
+    row = 0  # the current node's logits row: 0 the root, i + 1 node i
+    while True:
+        residual = target_probs[row]  # (V,)
+        child = None
+        for candidate in kids[row]:
+            assert draft_probs is not None
+            token, proposal = tokens[candidate], draft_probs[candidate]  # proposal: (V,)
+            if float(sampler.uniform(1, residual.device)) * proposal[token] < residual[token]:
+                child = candidate
+                break
+            residual = _residual(residual, proposal, target_probs[row])
+        if child is None:
+            return TreeVerdict(path, int(sampler.sample(residual)))
+        path.append(child)
+        row = child + 1
+
+
+def _residual(
+    residual: torch.Tensor, draft_probs: torch.Tensor, target_probs: torch.Tensor
+) -> torch.Tensor:
+    """(V,) max(0, residual - draft_probs), renormalised; the target's row if nothing is left."""
+    left = (residual - draft_probs).clamp_min(0.0)
+    # Empty only through rounding (a rejection implies residual mass elsewhere).
+    return left / left.sum() if left.sum() > 0 else target_probs
+
+
 # --- lossy policies: faster, but the output is no longer guaranteed to be the target's ----------
 # Each scores the draft tokens with the target's probabilities at temperature 1 (greedy runs) or
 # at the sampler's temperature (sampled runs), before any top-k/top-p truncation. After the
@@ -112,9 +162,16 @@ def confidence(
     tau: float = 0.3,
 ) -> Verdict:
     """Lossy: keep draft tokens while the target's probability of each is >= tau."""
-    target_probs = _target_probs(target_logits, sampler)  # (K+1, V)
-    keep = _draft_target_probs(draft_tokens, target_probs) >= tau  # (K,)
+    keep = _confidence_keep(draft_tokens, target_logits, sampler, tau)  # (K,)
     return _keep_prefix(keep, target_logits, sampler)
+
+
+def _confidence_keep(
+    draft_tokens: torch.Tensor, scoring_logits: torch.Tensor, sampler: Sampler, tau: float
+) -> torch.Tensor:
+    """(K,) whether the target's probability of draft token i, at scoring row i, is >= tau."""
+    target_probs = _target_probs(scoring_logits, sampler)  # (>= K, V)
+    return _draft_target_probs(draft_tokens, target_probs) >= tau
 
 
 def topk(
@@ -126,11 +183,17 @@ def topk(
     k: int = 5,
 ) -> Verdict:
     """Lossy: keep draft tokens while each is among the target's k most likely tokens there."""
-    rows = torch.arange(draft_tokens.shape[0], device=draft_tokens.device)
-    draft_logits = target_logits[rows, draft_tokens]  # (K,) the target's logit of each draft token
+    return _keep_prefix(_topk_keep(draft_tokens, target_logits, k), target_logits, sampler)
+
+
+def _topk_keep(draft_tokens: torch.Tensor, scoring_logits: torch.Tensor, k: int) -> torch.Tensor:
+    """(K,) whether draft token i is among the k most likely at scoring row i."""
+    n = draft_tokens.shape[0]
+    rows = torch.arange(n, device=draft_tokens.device)
+    draft_logits = scoring_logits[rows, draft_tokens]  # (K,) the target's logit of each draft token
     # Rank = tokens the target strictly prefers; ties with the k-th token count as inside top k.
-    rank = (target_logits[:-1] > draft_logits[:, None]).sum(-1)  # (K,)
-    return _keep_prefix(rank < k, target_logits, sampler)
+    rank = (scoring_logits[:n] > draft_logits[:, None]).sum(-1)  # (K,)
+    return rank < k
 
 
 def typical(
@@ -148,14 +211,85 @@ def typical(
     H the entropy (nats) of the target's distribution at that position: a confident target
     demands its favourite, an uncertain one accepts any reasonably likely token.
     """
-    target_probs = _target_probs(target_logits[:-1], sampler)  # (K, V)
-    entropy = -(target_probs * target_probs.clamp_min(1e-30).log()).sum(-1)  # (K,)
-    threshold = torch.minimum(torch.full_like(entropy, epsilon), delta * torch.exp(-entropy))
-    keep = _draft_target_probs(draft_tokens, target_probs) > threshold  # (K,)
+    keep = _typical_keep(draft_tokens, target_logits, sampler, epsilon, delta)  # (K,)
     return _keep_prefix(keep, target_logits, sampler)
 
 
+def _typical_keep(
+    draft_tokens: torch.Tensor,
+    scoring_logits: torch.Tensor,
+    sampler: Sampler,
+    epsilon: float,
+    delta: float,
+) -> torch.Tensor:
+    """(K,) whether draft token i passes the typical criterion at scoring row i."""
+    target_probs = _target_probs(scoring_logits[: draft_tokens.shape[0]], sampler)  # (K, V)
+    entropy = -(target_probs * target_probs.clamp_min(1e-30).log()).sum(-1)  # (K,)
+    threshold = torch.minimum(torch.full_like(entropy, epsilon), delta * torch.exp(-entropy))
+    return _draft_target_probs(draft_tokens, target_probs) > threshold
+
+
+# --- the lossy policies on a token tree: the deepest path whose every node passes the same test,
+# each node scored at its parent's row; then the target's own choice after the path. The keyword
+# defaults repeat the chain forms' (a test checks that they agree).
+
+
+def _deepest(keep: torch.Tensor, parents: torch.Tensor, target_logits: torch.Tensor,
+             sampler: Sampler) -> TreeVerdict:  # fmt: skip
+    """The deepest all-passing path of keep (N,), then the target's choice at its last node."""
+    path = tree.deepest_passing(keep, parents)
+    row = path[-1] + 1 if path else 0
+    return TreeVerdict(path, int(sampler.choose(target_logits[row])))
+
+
+def confidence_tree(
+    draft_tokens: torch.Tensor,
+    parents: torch.Tensor,
+    draft_probs: torch.Tensor | None,
+    target_logits: torch.Tensor,
+    sampler: Sampler,
+    *,
+    tau: float = 0.3,
+) -> TreeVerdict:
+    """confidence on a tree (lossy)."""
+    keep = _confidence_keep(draft_tokens, target_logits[parents + 1], sampler, tau)  # (N,)
+    return _deepest(keep, parents, target_logits, sampler)
+
+
+def topk_tree(
+    draft_tokens: torch.Tensor,
+    parents: torch.Tensor,
+    draft_probs: torch.Tensor | None,
+    target_logits: torch.Tensor,
+    sampler: Sampler,
+    *,
+    k: int = 5,
+) -> TreeVerdict:
+    """topk on a tree (lossy)."""
+    keep = _topk_keep(draft_tokens, target_logits[parents + 1], k)  # (N,)
+    return _deepest(keep, parents, target_logits, sampler)
+
+
+def typical_tree(
+    draft_tokens: torch.Tensor,
+    parents: torch.Tensor,
+    draft_probs: torch.Tensor | None,
+    target_logits: torch.Tensor,
+    sampler: Sampler,
+    *,
+    epsilon: float = 0.09,
+    delta: float = 0.3,
+) -> TreeVerdict:
+    """Medusa's typical acceptance on its candidate tree (lossy), as in Cai et al. 2024."""
+    keep = _typical_keep(draft_tokens, target_logits[parents + 1], sampler, epsilon, delta)
+    return _deepest(keep, parents, target_logits, sampler)
+
+
 Policy = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, Sampler], Verdict]
+# (draft tokens (N,), parents (N,), draft probs (N, V) | None, target logits (N+1, V), sampler)
+TreePolicy = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, Sampler], TreeVerdict
+]
 
 
 @dataclass(frozen=True)
@@ -166,15 +300,25 @@ class PolicySpec:
     lossless: bool
     needs_draft_probs: bool
     params: dict[str, Any] = field(default_factory=dict)  # every parameter, defaults included
+    tree: TreePolicy | None = None  # the same rule on a token tree; None: chains only
+
+    def tree_rule(self) -> TreePolicy:
+        """The tree form of this policy; raises if it has none."""
+        if self.tree is None:
+            takes = ", ".join(name for name, spec in POLICIES.items() if spec.tree is not None)
+            raise ValueError(f"this policy cannot verify a token tree: use one of {takes}")
+        return self.tree
 
 
 POLICIES: dict[str, PolicySpec] = {
-    "exact": PolicySpec(exact, lossless=True, needs_draft_probs=False),
-    "rejection": PolicySpec(rejection_sampling, lossless=True, needs_draft_probs=True),
-    "confidence": PolicySpec(confidence, lossless=False, needs_draft_probs=False),
-    "topk": PolicySpec(topk, lossless=False, needs_draft_probs=False),
-    "typical": PolicySpec(typical, lossless=False, needs_draft_probs=False),
-}
+    "exact": PolicySpec(exact, lossless=True, needs_draft_probs=False, tree=tree.exact),
+    "rejection": PolicySpec(rejection_sampling, lossless=True, needs_draft_probs=True,
+                            tree=rejection_tree),
+    "confidence": PolicySpec(confidence, lossless=False, needs_draft_probs=False,
+                             tree=confidence_tree),
+    "topk": PolicySpec(topk, lossless=False, needs_draft_probs=False, tree=topk_tree),
+    "typical": PolicySpec(typical, lossless=False, needs_draft_probs=False, tree=typical_tree),
+}  # fmt: skip
 
 
 def _probability(value: Any) -> bool:
@@ -221,4 +365,5 @@ def make_policy(name: str, **params: Any) -> PolicySpec:
             raise ValueError(f"policy {name!r}: {key} must be {allowed}, got {value!r}")
     bound = {**defaults, **params}
     fn = functools.partial(spec.fn, **params) if params else spec.fn
-    return replace(spec, fn=fn, params=bound)
+    tree_fn = functools.partial(spec.tree, **params) if params and spec.tree else spec.tree
+    return replace(spec, fn=fn, tree=tree_fn, params=bound)

@@ -15,8 +15,11 @@ class StepRecord:
 
     step: int
     k: int  # draft length the controller chose for this step (0 for the baseline)
-    proposed: int  # draft tokens actually offered (may be < k near max_new_tokens)
-    accepted: int  # draft tokens the policy kept
+    proposed: int  # draft tokens actually offered (may be < k near max_new_tokens); tree: nodes
+    # Longest root-to-leaf path of the draft: = proposed for a chain; for a token tree its depth
+    # (<= k). Acceptance rates divide by it, so a tree's rate is per path position, like a chain's.
+    depth: int
+    accepted: int  # draft tokens the policy kept (tree: the accepted path's length)
     emitted: int  # tokens added this step: accepted + 1, cut at EOS or max_new_tokens
     draft_ms: float
     verify_ms: float
@@ -112,9 +115,9 @@ class PromptResult:
 
 
 def acceptance_rate(steps: list[StepRecord]) -> float | None:
-    """sum(accepted) / sum(proposed); None when nothing was proposed (the baseline)."""
-    proposed = sum(s.proposed for s in steps)
-    return sum(s.accepted for s in steps) / proposed if proposed else None
+    """sum(accepted) / sum(depth) (= sum(proposed) for chains); None when nothing was proposed."""
+    depth = sum(s.depth for s in steps)
+    return sum(s.accepted for s in steps) / depth if depth else None
 
 
 def mean_accepted_length(steps: list[StepRecord]) -> float | None:

@@ -145,6 +145,10 @@ class Models(Section):
     engine: Annotated[
         Literal["dynamic", "static", "compiled"], _allowed("dynamic, static or compiled")
     ] = "dynamic"
+    # CPU float32 only: the target and draft model multiply steps of >= 4 tokens with oneDNN's
+    # prepacked weights (lab.engine.prepack: verification nearer decode cost, twice the weight
+    # memory). null: on wherever it applies; false: MKL's matmul everywhere, as transformers does.
+    prepack: bool | None = None
 
     def placement(self) -> Placement:
         return {"device": self.device, "dtype": self.dtype}
@@ -248,14 +252,30 @@ class Drafters(Section):
 
 
 class Distill(Section):
-    """Self-distillation data: the target's greedy answers to the training prompts."""
+    """Heads' training data: self-distilled answers and teacher forcing over the stdlib corpus."""
 
-    per_category: PerCategory
+    # training prompts per category answered by the target; 0: none
+    per_category: Annotated[
+        Annotated[int, Field(ge=0)] | Literal["full"], _allowed('an integer >= 0 or "full"')
+    ]
     max_new_tokens: PositiveInt
-    batch_size: PositiveInt  # prompts per generate() call
+    batch_size: PositiveInt  # prompts per generate() call, sequences per teacher-forced forward
+    corpus_tokens: Count = 0  # document tokens of the corpus read by teacher forcing; 0: none
+    sequence_tokens: Annotated[int, Field(ge=16), _allowed("an integer >= 16")] = 256
+
+    @model_validator(mode="after")
+    def _some_data(self) -> Distill:
+        if self.per_category == 0 and self.corpus_tokens == 0:
+            raise _setting_error(
+                ("corpus_tokens",), "per_category and corpus_tokens are both 0: the heads would "
+                "have no training data (set corpus_tokens, e.g. 16384, or per_category >= 1)"
+            )  # fmt: skip
+        return self
 
     def suite(self) -> list[Prompt]:
-        """The training prompts (builtin-train, disjoint from the benchmark's)."""
+        """The training prompts (builtin-train, disjoint from the benchmark's); [] for 0."""
+        if self.per_category == 0:
+            return []
         return load_suite(BUILTIN_TRAIN, None, _per_category(self.per_category))
 
 
@@ -293,6 +313,9 @@ class Heads(Section):
 
     names: list[HeadKind]
     heldout: Share
+    # shares of the first epoch's tokens after which held-out accuracy is measured (besides
+    # before training and after every epoch)
+    checkpoints: list[Share] = list(training.CHECKPOINTS)
     medusa: MedusaTraining = MedusaTraining()
     eagle: EagleTraining = EagleTraining()
 
@@ -417,6 +440,13 @@ class LoadtestParams(Section):
     loadtest: Loadtest
 
 
+class HeadsPipelineParams(Section):
+    """All of pipelines/heads/params.yaml: the root's distill and heads sections, at scale."""
+
+    distill: Distill
+    heads: Heads
+
+
 # --- reading -------------------------------------------------------------------------------------
 
 
@@ -428,6 +458,11 @@ def load(path: str | Path = "params.yaml") -> Params:
 def load_loadtest(path: str | Path) -> Loadtest:
     """pipelines/http/params.yaml's loadtest section, validated like load."""
     return _read(Path(path), LoadtestParams).loadtest
+
+
+def load_heads_pipeline(path: str | Path) -> HeadsPipelineParams:
+    """pipelines/heads/params.yaml, validated like load."""
+    return _read(Path(path), HeadsPipelineParams)
 
 
 M = TypeVar("M", bound=BaseModel)

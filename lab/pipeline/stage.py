@@ -12,6 +12,7 @@ import pandas as pd
 from lab import machine, models
 from lab.drafting import heads
 from lab.drafting.draft_model import DRAFT_STEP_SIZES
+from lab.engine import prepack
 from lab.engine.caches import make_engine
 from lab.engine.policies import get_policy
 from lab.method import DraftSource, Method
@@ -27,7 +28,18 @@ BASELINE = EXPERIMENTS / "baseline" / "target"
 def run_config(params: P.Params, method: Method) -> dict[str, Any]:
     """Everything that decides what a generation run produces; equal configs are reused."""
     draft = params.models.draft if method.drafter == "draft_model" else None
-    return {"method": asdict(method), "draft": draft, **params.run_settings()}
+    # Only when on, so configs of machines where it does not apply stay as they were.
+    packed = {"prepack": True} if prepacked(params) else {}
+    return {"method": asdict(method), "draft": draft, **params.run_settings(), **packed}
+
+
+def prepacked(params: P.Params) -> bool:
+    """Whether the models run with prepacked linears (models.prepack; null: where it applies)."""
+    device = models.resolve_device(params.models.device)
+    applies = prepack.applies(device, models.resolve_dtype(device, params.models.dtype))
+    if params.models.prepack and not applies:
+        raise ValueError("models.prepack: true needs a CPU float32 run (set models.prepack: null)")
+    return applies if params.models.prepack is None else params.models.prepack
 
 
 def machine_config(params: P.Params) -> dict[str, Any]:
@@ -48,6 +60,9 @@ def _generate(
             f"dynamic engine returns: set models.engine: dynamic (it is {kind!r})"
         )
     target = models.load(params.models.target, **params.models.placement())
+    packed = prepacked(params)
+    if packed:
+        prepack.prepack(target.model)
     gen, run, prompts = params.generation, params.run, params.prompts.suite()
     k_max = max(method.k, int(method.controller_params.get("max_k", method.k)))
     max_len = suite.positions(prompts, target, gen.max_new_tokens, k_max)
@@ -56,6 +71,8 @@ def _generate(
     if method.drafter == "draft_model":
         models.check_pair(target.name, params.models.draft)
         loaded = models.load(params.models.draft, **params.models.placement())
+        if packed:  # its catch-up forwards after a verification feed several tokens
+            prepack.prepack(loaded.model)
         draft = make_engine(loaded, kind, max_len, sizes=DRAFT_STEP_SIZES)
     elif method.drafter in heads.KINDS:
         draft = heads.load(method.drafter_params["heads"], target, kind=method.drafter)

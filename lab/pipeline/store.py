@@ -92,9 +92,18 @@ def read_item(path: Path) -> Item:
         path=path,
         config=json.loads((path / CONFIG).read_text()),
         rows=rows,
-        steps=pd.read_csv(path / STEPS, dtype={"question_id": str}),
+        steps=_steps(path / STEPS),
         metrics=json.loads((path / METRICS).read_text()),
     )
+
+
+def _steps(path: Path) -> pd.DataFrame:
+    """steps.csv; one written before token trees has no depth column, and its steps were all
+    chains, whose depth is the number proposed: filled in, so those results stay readable."""
+    steps = pd.read_csv(path, dtype={"question_id": str})
+    if "depth" not in steps.columns and "proposed" in steps.columns:
+        steps.insert(steps.columns.get_loc("proposed") + 1, "depth", steps["proposed"])
+    return steps
 
 
 def find_same(config: dict[str, Any], roots: list[Path]) -> Path | None:

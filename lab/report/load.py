@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +12,7 @@ import pandas as pd
 from lab.engine.records import STEP_COLUMNS
 from lab.pipeline import store
 from lab.pipeline.store import Item
+from lab.report.heads import HeadRecords, head_records
 from lab.report.http import http_frame
 
 # Stages whose items are decoding runs, in report order.
@@ -64,6 +65,8 @@ class Results:
     gpu: pd.DataFrame | None  # gpu/*.json, one row per file
     engine: pd.DataFrame | None  # engine/<machine>/*.json (lab bench-engine), one row per file
     http: pd.DataFrame  # loadtest/<item>/, one row per load run (pipelines/http); may be empty
+    # heads/<kind>/ and heads_scale/<kind>/ (pipelines/heads): training data, held-out accuracy
+    heads: HeadRecords = field(default_factory=HeadRecords)
 
     @property
     def baseline(self) -> Item | None:
@@ -192,6 +195,7 @@ def load_results(experiments: Path) -> Results:
         gpu=_gpu(experiments / "gpu"),
         engine=_engine(experiments / "engine"),
         http=http_frame(experiments),
+        heads=head_records(experiments),
     )
 
 

@@ -18,6 +18,7 @@ from lab.report.sections import (
     position_section,
 )
 from lab.report.sections_engine import engine_section
+from lab.report.sections_heads import heads_section
 from lab.report.sections_methods import methods_section
 from lab.report.sections_speed import (
     baseline_section,
@@ -43,6 +44,8 @@ def sections(results: Results, settings: ReportSettings) -> list[Section]:
         ksweep_section(results, settings),
         policies_section(results, settings),
         drafters_section(results, settings),
+        # What the Medusa and EAGLE heads learned from, where the heads stage ran.
+        *([heads_section(results)] if not results.heads.empty else []),
         controllers_section(results, settings),
         predicted_section(results, settings),
         categories_section(results, settings),

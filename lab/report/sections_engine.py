@@ -10,14 +10,16 @@ from lab.report.sections import Section, no_data
 from lab.report.tables import Table, fmt, make_table
 
 # Key fields of a result, in the order a row names them.
-KEYS = ("device", "model", "dtype", "engine")
+KEYS = ("device", "model", "dtype", "engine", "linears")
 COLUMNS = (*KEYS, "read_gb_per_s", "decode_tokens_per_s", "fraction_of_bandwidth_limit",
            "verify_over_decode_k4", "c", "prefill_tokens_per_s")  # fmt: skip
 NOTE = (
-    "Per device, model, dtype and engine (`lab bench-engine`): the device's streaming-read "
-    "bandwidth (best of 5 sums over a buffer larger than its caches); decode tokens/s (median "
-    "greedy step) and its fraction of the bandwidth limit (that bandwidth / weight bytes per "
-    "token); verify(K=4) / decode, the time of a 5-token forward over a 1-token one "
+    "Per device, model, dtype, engine and linears (`lab bench-engine`; linears: plain nn.Linear, "
+    "fused q/k/v and gate/up, or oneDNN-prepacked for steps of 4+ tokens): the device's "
+    "streaming-read bandwidth (best of 5 reads of a buffer larger than its caches: a "
+    "matrix-vector product on CPU, as decoding reads weights, a sum on GPU); decode tokens/s "
+    "(median greedy step) and its fraction of the bandwidth limit (that bandwidth / weight "
+    "bytes per token); verify(K=4) / decode, the time of a 5-token forward over a 1-token one "
     "on the same warm cache (median of per-round ratios, sizes interleaved in random order); c, "
     "the draft's decode step over the target's on the same engine and dtype, steps alternated."
 )
@@ -33,8 +35,16 @@ SHOWN = {
 }
 
 
+def with_linears(frame: pd.DataFrame) -> pd.DataFrame:
+    """The frame with a `linears` column: prepacked, fused or plain (older files: plain)."""
+    flags = frame.reindex(columns=["prepacked", "fused"]).eq(True)  # absent or NaN: False
+    linears = flags["prepacked"].map({True: "prepacked", False: ""})
+    linears = linears.where(linears != "", flags["fused"].map({True: "fused", False: "plain"}))
+    return frame.assign(linears=linears)
+
+
 def engine_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """The curated columns, one row per device/model/dtype/engine (the first file of each)."""
+    """The curated columns, one row per device/model/dtype/engine/linears (first file of each)."""
     curated = frame.drop_duplicates(list(KEYS)).reset_index(drop=True)
     curated["read_gb_per_s"] = curated["read_bandwidth_bytes_per_s"] / 1e9
     return curated[list(COLUMNS)]
@@ -44,6 +54,7 @@ def forward_costs(frame: pd.DataFrame) -> pd.DataFrame:
     """Long form (line, tokens, ms, ratio); a line is a dtype / engine, and device / model too
     where the results hold several."""
     varying = [k for k in ("device", "model") if frame[k].nunique() > 1] + ["dtype", "engine"]
+    varying += ["linears"] if frame["linears"].nunique() > 1 else []
     rows = []
     for _, result in frame.drop_duplicates(list(KEYS)).iterrows():
         line = " / ".join(str(result[k]) for k in varying)
@@ -64,10 +75,10 @@ def cost_table(costs: pd.DataFrame) -> Table:
 def engine_section(results: Results) -> Section:
     """Decode against the bandwidth limit, verify cost, c and prefill; forward cost against n."""
     section = Section("Engine")
-    frame = results.engine
-    if frame is None:
+    if results.engine is None:
         section.text.append(no_data("experiments/engine/ has no results (run lab bench-engine)"))
         return section
+    frame = with_linears(results.engine)
     section.text.append(NOTE)
     table = make_table("engine", "Engine: decode, verify cost, c and prefill", engine_table(frame))
     table.shown = table.shown.rename(columns=SHOWN)

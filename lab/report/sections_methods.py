@@ -125,10 +125,13 @@ def _definitions(settings: ReportSettings) -> list[str]:
     """The metric definitions listed under Methods."""
     return [
         "step: one verification forward of the target (baseline: one decode forward).",
-        "proposed: draft tokens offered in a step (the K used); accepted: how many the policy "
-        "kept; emitted: tokens added in the step = accepted + 1 (the correction or bonus token), "
-        "cut at EOS or max_new_tokens.",
-        "acceptance rate a = sum(accepted) / sum(proposed) (first repetition); its 95% CI "
+        "proposed: draft tokens offered in a step (the K used; for a token tree, its nodes, "
+        "all verified in the one forward); depth: its longest root-to-leaf path (= proposed for "
+        "a chain); accepted: how many the policy kept (for a tree, the accepted path's length); "
+        "emitted: tokens added in the step = accepted + 1 (the correction or bonus token), cut "
+        "at EOS or max_new_tokens.",
+        "acceptance rate a = sum(accepted) / sum(depth) (first repetition), i.e. per position "
+        "along the draft, so a tree's rate reads like a chain's; its 95% CI "
         f"resamples prompts ({settings.bootstrap_samples} bootstrap samples).",
         "mean accepted length tau = sum(emitted) / steps, bonus token included (the convention "
         "of Spec-Bench and vLLM), so the baseline has tau = 1.",

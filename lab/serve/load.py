@@ -127,8 +127,8 @@ def chunk_token_counts(done: Completion, tokenizer: Any) -> list[int]:
 
 def _served_step(step: int, emitted: int, step_ms: float) -> StepRecord:
     """One server step as the client sees it: tokens and time; what it cannot see is NaN."""
-    return StepRecord(step=step, k=0, proposed=0, accepted=0, emitted=emitted, draft_ms=0.0,
-                      verify_ms=math.nan, step_ms=step_ms, rss_mb=math.nan,
+    return StepRecord(step=step, k=0, proposed=0, depth=0, accepted=0, emitted=emitted,
+                      draft_ms=0.0, verify_ms=math.nan, step_ms=step_ms, rss_mb=math.nan,
                       accept_ms=math.nan)  # fmt: skip
 
 
