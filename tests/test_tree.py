@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from lab.drafting.heads import MedusaHeads, ResBlock, choose_vocab, vocab_size
+from lab.drafting.heads import vocab_size
 from lab.drafting.medusa import MC_SIM_7B_63, MedusaDrafter, candidate_paths
 from lab.drafting.registry import drafter_settings
 from lab.engine import caches, loop, policies, tree
@@ -29,6 +29,7 @@ from lab.engine.records import PromptResult
 from lab.engine.sampling import Sampler, SamplingParams
 from lab.pipeline import params as P
 from tests.smoke import ROOT
+from tests.test_drafters import medusa as medusa_heads
 from tests.test_policies import total_variation
 
 N = 32  # new tokens per generation
@@ -461,17 +462,6 @@ def test_rejection_without_the_residual_fails_the_same_check():
 
 
 # --- Medusa's candidate tree ------------------------------------------------------------------
-
-
-def medusa_heads(lm: LoadedModel, num_heads: int, draft_vocab: int) -> MedusaHeads:
-    """Freshly initialised heads with random (not identity) blocks."""
-    torch.manual_seed(0)
-    vocab = choose_vocab([torch.arange(50)], draft_vocab, vocab_size(lm.model))
-    heads = MedusaHeads(lm.model.config.hidden_size, num_heads, vocab)
-    for block in heads.blocks:
-        assert isinstance(block, ResBlock)
-        torch.nn.init.normal_(block.linear.weight, std=0.2)
-    return heads.eval().requires_grad_(False)
 
 
 def test_candidate_paths_are_the_published_prefix_kept_closed():
