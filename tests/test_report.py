@@ -41,7 +41,7 @@ from lab.report.load import ReportError, ReportSettings, label, load_results
 from lab.report.plots import PLOTS
 from lab.report.render import main, render
 from lab.report.sections import gpu_table, lossless_table
-from lab.report.sections_speed import protocol_section
+from lab.report.sections_speed import predicted_section, protocol_section
 from lab.report.summary import summary_text
 from lab.stats import summarize
 from tests.test_bench_engine import write_hand_results
@@ -625,6 +625,38 @@ def test_step_costs_divide_by_the_baselines_decode_step() -> None:
     assert step_costs(_item("ksweep", "k4", steps, rows), None)["verify_cost"] == pytest.approx(
         1.325
     )
+
+
+def _spec_item(name: str, proposed: int, depth: int) -> Any:
+    """A speculative item of 2 prompts x 2 steps, tau 2.5, each step draft 20 + verify 230 ms,
+    whose interleaved reference decodes a token in 100 ms; speed-up 2.0 in its metrics."""
+    steps = pd.DataFrame({"question_id": ["1", "1", "2", "2"], "step": [0, 1, 0, 1],
+                          "proposed": proposed, "depth": depth, "accepted": [2, 1, 1, 2],
+                          "emitted": [3, 2, 2, 3], "draft_ms": 20.0, "verify_ms": 230.0,
+                          "step_ms": 260.0})  # fmt: skip
+    rows = pd.DataFrame({"question_id": ["1", "2"], "repetition": 0, "ref_decode_ms": 100.0,
+                         "new_tokens": 5, "total_ms": 1.0})  # fmt: skip
+    item = _item("drafters", name, steps, rows)
+    item.metrics.update(mean_k=depth, acceptance_rate=6 / (4 * depth), mean_accepted_length=2.5,
+                        tokens_per_s=1.0, speedup=2.0, speedup_ci_low=1.8, speedup_ci_high=2.2,
+                        speedup_n=2, throughput_ratio=2.0, greedy_match_rate=1.0, cost_ratio=0.2,
+                        prompts=2, predicted_speedup=1.6)  # fmt: skip
+    return item
+
+
+def test_predicted_section_cost_model_by_hand(settings: ReportSettings) -> None:
+    chain, tree = _spec_item("chain", proposed=4, depth=4), _spec_item("tree", proposed=16, depth=3)
+    items = {"drafters": [chain, tree]}
+    results = load.Results(items, None, None, None, None, None, pd.DataFrame())
+    data = predicted_section(results, settings).tables[0].data.set_index("configuration")
+    # draft 20 / 100 = 0.2 and verify 230 / 100 = 2.3 decode steps: tau / cost = 2.5 / 2.5 = 1.0
+    assert data["draft_cost"].tolist() == pytest.approx([0.2, 0.2])
+    assert data["verify_cost"].tolist() == pytest.approx([2.3, 2.3])
+    assert data["predicted_from_costs"].tolist() == pytest.approx([1.0, 1.0])
+    assert data["measured_over_costs"].tolist() == pytest.approx([2.0, 2.0])
+    # Leviathan's chain formula: kept for the chain (2.0 / 1.6), none for the tree
+    assert data.loc["drafters/chain", "measured_over_predicted"] == pytest.approx(1.25)
+    assert pd.isna(data.loc["drafters/tree", "predicted_speedup"])
 
 
 def test_accepted_length_shares_sum_to_one_per_drafter() -> None:

@@ -40,8 +40,15 @@ def spec_row(item: Item, settings: ReportSettings) -> dict[str, Any]:
         "throughput_ratio": m["throughput_ratio"],
         "greedy_match_rate": m["greedy_match_rate"],
         "cost_ratio": m["cost_ratio"],
-        "predicted_speedup": m.get("predicted_speedup"),
+        # Leviathan's formula is a chain's (one draft token per position): no prediction for trees.
+        "predicted_speedup": None if is_tree(item) else m.get("predicted_speedup"),
     }
+
+
+def is_tree(item: Item) -> bool:
+    """Whether the item's drafter proposed token trees (more nodes than its longest path)."""
+    steps = first(item.steps)
+    return bool((steps["proposed"] > steps["depth"]).any())
 
 
 def spec_frame(items: list[Item], settings: ReportSettings, columns: list[str]) -> pd.DataFrame:
