@@ -18,6 +18,10 @@ from lab.engine.names import POLICY_NAMES
 from lab.models import packaged
 from lab.prompts import BUILTIN, CATEGORIES, Prompt, PromptError, encode, load_suite
 
+# lab.engine.caches.ENGINES, named here so that parsing never imports torch (tests/test_cli.py
+# keeps the two equal).
+ENGINES = ("dynamic", "static", "compiled")
+
 DEFAULT_TARGET = "qwen2.5-coder-1.5b-instruct"
 DEFAULT_DRAFT = "qwen2.5-coder-0.5b-instruct"
 
@@ -213,7 +217,7 @@ def _add_bench_engine(sub: Any) -> None:
     e.add_argument("--draft", default=None, help="draft model, for c (omit: no c)")
     e.add_argument("--device", default=None, help=_DEVICE_HELP)
     e.add_argument("--dtypes", nargs="+", default=[None], help=f"dtypes to measure: {_DTYPE_HELP}")
-    e.add_argument("--engines", nargs="+", default=["dynamic", "static", "compiled"],
+    e.add_argument("--engines", nargs="+", default=list(ENGINES),
                    help="engines to measure")  # fmt: skip
     e.add_argument("--prompt-tokens", type=int, default=128, help="cache length of the forwards")
     e.add_argument("--prefill-tokens", type=int, default=256, help="prompt length of the prefill")
@@ -248,6 +252,15 @@ def _add_http_commands(sub: Any) -> None:
         default=16,
         help="requests that may wait while one generates; beyond that, HTTP 429",
     )
+    s.add_argument(
+        "--engine", choices=ENGINES, default="dynamic",
+        help="dynamic: the HF cache (reference); static: a preallocated cache; compiled: "
+        "static + torch.compile (CUDA graphs on GPU), compiled before the server listens",
+    )  # fmt: skip
+    s.add_argument(
+        "--max-context", type=int, default=2048,
+        help="static/compiled: positions a request may fill (prompt + max_tokens)",
+    )  # fmt: skip
     s.add_argument("--served-model-name", default=None, help="model id (default: the target)")
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads (omit: torch's)")
     s.add_argument(
@@ -559,13 +572,20 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     make_controller(args.controller, args.k, **options)
     if args.max_queue < 0 or args.max_new_tokens <= 0:
         raise ValueError("--max-queue must be >= 0 and --max-new-tokens positive")
+    if args.engine != "dynamic" and args.max_context < args.max_new_tokens + 1:
+        raise ValueError(f"--max-context {args.max_context} leaves no room for a prompt and "
+                         f"--max-new-tokens {args.max_new_tokens}")  # fmt: skip
     if args.threads:
         torch.set_num_threads(args.threads)
     target, draft = _load_pair(args)
     method = (
         Method("draft_model", args.policy, args.k, args.controller, options) if draft else Method()
     )
-    worker = server.Worker(target, draft, method, args.max_queue)
+    if args.engine == "dynamic":
+        worker = server.Worker(target, draft, method, args.max_queue)
+    else:
+        engine, on_engine = server.engines(target, draft, method, args.engine, args.max_context)
+        worker = server.Worker(target, on_engine, method, args.max_queue, engine, args.max_context)
     config = server.APIConfig(args.served_model_name or target.name, args.max_new_tokens)
     server.serve(server.create_app(worker, config), args.host, args.port, args.ready_file)
 

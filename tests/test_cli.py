@@ -149,10 +149,12 @@ def test_parser_name_lists_match_the_registries():
     # The parser's torch-free copies of the names (lab --help must not import torch).
     from lab.drafting.names import DRAFTER_NAMES
     from lab.drafting.registry import DRAFTERS
+    from lab.engine.caches import ENGINES
     from lab.engine.names import POLICY_NAMES
     from lab.engine.policies import POLICIES
 
     assert tuple(DRAFTERS) == DRAFTER_NAMES and tuple(POLICIES) == POLICY_NAMES
+    assert cli.ENGINES == ENGINES
     assert models.DTYPES == ("float32", "bfloat16", "float16")
 
 

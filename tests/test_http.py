@@ -438,3 +438,34 @@ def test_load_benchmark_against_llama_cpp() -> None:
     assert metrics["completed"] == 4 and metrics["errors"] == 0
     assert metrics["tokens_counted_locally"] == 4  # llama.cpp streams carry no usage
     assert metrics["ttft_ms_median"] is not None and metrics["output_throughput"] > 0
+
+
+# --- lab serve on the static and compiled engines -------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "engine, draft",
+    [("static", []), ("compiled", []), ("compiled", ["--draft", "tiny-random-qwen2-draft"])],
+    ids=["static", "compiled", "compiled-speculative"],
+)
+def test_engines_serve_what_the_reference_loop_decodes(
+    qwen2: models.LoadedModel, engine: str, draft: list[str]
+) -> None:
+    # fp32 greedy: every engine, baseline or speculative, decodes the dynamic loop's tokens.
+    args = [*SERVE_ARGS, "--engine", engine, "--max-context", "96", "--max-new-tokens", "48",
+            *draft, "--k", "3"]  # fmt: skip
+    with server.launched(args, startup_timeout_s=240) as served:
+        assert httpx2.get(f"{served.url}/health").json()["engine"] == engine  # not the reference
+        for prompt in ("def fibonacci(n):", "hello"):
+            whole = complete(served.url, Request(prompt, chat=False, stream=False, max_tokens=40))
+            local = loop.generate(qwen2, qwen2.tokenizer(prompt)["input_ids"], 40)
+            assert whole.text == local.text and whole.completion_tokens == local.new_tokens > 20
+        with pytest.raises(BadStatus, match="context length 96"):  # the static cache's size
+            complete(served.url, Request("hello " * 80, stream=False, max_tokens=40), retries=0)
+
+
+def test_static_context_must_hold_max_new_tokens() -> None:
+    with pytest.raises(ValueError, match="--max-context 16 leaves no room"):
+        cli._cmd_serve(cli._parser().parse_args(["serve", *SERVE_ARGS, "--engine", "static",
+                                                 "--max-context", "16"]))  # fmt: skip

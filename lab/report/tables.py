@@ -35,6 +35,7 @@ HEADERS = {
     "measured_over_predicted": "measured / Leviathan",
     "draft_cost": "draft per step (decode steps)",
     "verify_cost": "verify per step (decode steps)",
+    "step_cost": "whole step (decode steps)",
     "predicted_from_costs": "predicted (tau / cost)",
     "measured_over_costs": "measured / cost model",
     "perplexity": "perplexity",

@@ -28,6 +28,8 @@ from fastapi.sse import EventSourceResponse, format_sse_event
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lab.drafting.draft_model import DRAFT_STEP_SIZES
+from lab.engine.caches import Engine, StaticEngine, make_engine
 from lab.engine.model import LoadedModel
 from lab.engine.records import PromptResult
 from lab.engine.sampling import SamplingParams
@@ -71,8 +73,33 @@ class Job:
             self.cancelled.set()
 
 
+def engines(
+    target: LoadedModel, draft: LoadedModel | None, method: Method, kind: str, context: int
+) -> tuple[Engine, DraftSource]:
+    """The target (and a draft model) on the named engine, compiled now, not per request.
+
+    context: the positions a request may fill (prompt + max_tokens); a static cache also holds
+    one verify step of K + 1 past them.
+    """
+    sizes = [1] if method.baseline else sorted({1, method.k + 1})
+    reserve = 0 if method.baseline else method.k + 1
+    engine = make_engine(target, kind, context + reserve, sizes=sizes)
+    draft_engine = None
+    if draft is not None:
+        draft_engine = make_engine(draft, kind, context + reserve, sizes=DRAFT_STEP_SIZES)
+    warm = [int(i) for i in target.tokenizer("warm up")["input_ids"]]
+    for built in (engine, draft_engine):
+        if isinstance(built, StaticEngine):
+            built.warmup(warm)  # compiles every step size before the first request
+    return engine, draft_engine
+
+
 class Worker:
-    """Runs jobs one at a time (batch size 1) on its own thread; at most max_queue wait."""
+    """Runs jobs one at a time (batch size 1) on its own thread; at most max_queue wait.
+
+    engine: the target on the engine that generates (engines()); None: the dynamic reference.
+    context: the most positions (prompt + max_tokens) a request may fill; None: the model's.
+    """
 
     def __init__(
         self,
@@ -80,10 +107,14 @@ class Worker:
         draft: DraftSource,
         method: Method,
         max_queue: int,
+        engine: Engine | None = None,
+        context: int | None = None,
     ) -> None:
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
         self.target, self.draft, self.method, self.max_queue = target, draft, method, max_queue
+        self.engine: LoadedModel | Engine = target if engine is None else engine
+        self.context = context
         if not method.baseline:
             make_drafter(method, target, draft)  # a missing draft fails now, not per request
         self._jobs: queue.Queue[Job | None] = queue.Queue()
@@ -94,6 +125,12 @@ class Worker:
     @property
     def admitted(self) -> int:
         return self._admitted
+
+    @property
+    def engine_name(self) -> str:
+        if not isinstance(self.engine, StaticEngine):
+            return "dynamic"
+        return "compiled" if self.engine.compiled else "static"
 
     def start(self) -> None:
         self._thread.start()
@@ -139,7 +176,7 @@ class Worker:
 
     def generate(self, job: Job, on_tokens: Callable[[list[int]], None]) -> PromptResult:
         """One generation under the configured method (fresh drafter and controller)."""
-        return generate_one(self.method, self.target, self.draft, job.prompt_ids,
+        return generate_one(self.method, self.engine, self.draft, job.prompt_ids,
                             job.max_tokens, job.sampling, job.seed, on_tokens)  # fmt: skip
 
 
@@ -275,7 +312,8 @@ class API:
     def __init__(self, worker: Worker, config: APIConfig) -> None:
         self.worker, self.config = worker, config
         self.tokenizer = worker.target.tokenizer
-        self.context = int(getattr(worker.target.model.config, "max_position_embeddings", 0))
+        model = int(getattr(worker.target.model.config, "max_position_embeddings", 0))
+        self.context = min(filter(None, (model, worker.context)), default=0)
 
     def models(self) -> dict[str, Any]:
         card = {"id": self.config.name, "object": "model", "created": 0, "owned_by": "lab"}
@@ -465,7 +503,8 @@ def create_app(worker: Worker, config: APIConfig) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "admitted": worker.admitted, "max_queue": worker.max_queue}
+        return {"status": "ok", "admitted": worker.admitted, "max_queue": worker.max_queue,
+                "engine": worker.engine_name}  # fmt: skip
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
