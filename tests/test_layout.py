@@ -17,7 +17,8 @@ import yaml
 
 from tests.smoke import ROOT, Repo, run
 
-PIPELINES = ("dvc.yaml", "pipelines/http/dvc.yaml", "pipelines/heads/dvc.yaml")
+PIPELINES = ("dvc.yaml", "pipelines/http/dvc.yaml", "pipelines/heads/dvc.yaml",
+             "pipelines/trees/dvc.yaml")  # fmt: skip
 # No stage of the default pipeline may run these: editing a benchmark or the server re-runs nothing.
 NOT_IN_DEFAULT = ("lab/bench", "lab/serve")
 # Files a stage reads as data rather than imports: declared by hand, so only checked to exist.

@@ -42,6 +42,7 @@ from lab.report.plots import PLOTS
 from lab.report.render import main, render
 from lab.report.sections import gpu_table, lossless_table
 from lab.report.sections_speed import predicted_section, protocol_section
+from lab.report.sections_trees import trees_section
 from lab.report.summary import summary_text
 from lab.stats import summarize
 from tests.test_bench_engine import write_hand_results
@@ -396,9 +397,13 @@ def test_missing_stages_render(experiments: Path, settings: ReportSettings, tmp_
     partial = tmp_path / "experiments"
     shutil.copytree(experiments / "baseline", partial / "baseline")
     shutil.copytree(experiments / "ksweep", partial / "ksweep")
+    # A clone where pipelines/trees never ran holds only its items' git-tracked metrics.json.
+    (partial / "trees" / "medusa-t4").mkdir(parents=True)
+    (partial / "trees" / "medusa-t4" / "metrics.json").write_text("{}")
     written = render(partial, tmp_path / "reports", settings)
     text = (tmp_path / "reports" / "report.md").read_text()
-    for heading in ("Acceptance policies", "Drafters", "K controllers", "Perplexity", "GPU"):
+    for heading in ("Acceptance policies", "Drafters", "Tree size", "K controllers", "Perplexity",
+                    "GPU"):  # fmt: skip
         section = text.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
         assert section.strip().startswith("_No data:"), heading
     assert (tmp_path / "reports" / "tables" / "ksweep.csv") in written
@@ -821,3 +826,39 @@ def test_steps_written_before_trees_read_with_depth(experiments: Path, tmp_path:
     assert list(read.columns) == list(item.steps.columns)
     assert (read["depth"] == read["proposed"]).all() and read["proposed"].gt(0).any()
     pd.testing.assert_frame_equal(read, item.steps)
+
+
+def _tree_item(stage: str, drafter: str, size: int, proposed: int, depth: int, speedup: float,
+               reused: bool = False) -> Any:  # fmt: skip
+    """A _spec_item (tau 2.5, step 260 ms against a 100 ms decode) of a drafter with a tree."""
+    item = _spec_item(f"{drafter}-t{size}", proposed, depth)
+    item.config["run"]["method"].update(drafter=drafter, drafter_params={"tree_size": size})
+    item.metrics.update(speedup=speedup, speedup_ci_low=speedup - 0.1,
+                        speedup_ci_high=speedup + 0.1)  # fmt: skip
+    if reused:
+        item.config["reused_from"] = "drafters/x"
+    return dataclasses.replace(item, path=Path(stage) / item.path.name)
+
+
+def test_trees_section_by_hand(settings: ReportSettings) -> None:
+    items = {
+        "drafters": [_tree_item("drafters", "medusa", 16, proposed=16, depth=3, speedup=0.8),
+                     _spec_item("draft_model", proposed=4, depth=4)],  # no tree: left out
+        "trees": [_tree_item("trees", "medusa", 4, proposed=4, depth=2, speedup=1.1),
+                  _tree_item("trees", "eagle", 8, proposed=8, depth=3, speedup=0.9),
+                  _tree_item("trees", "medusa", 16, 16, 3, 0.8, reused=True)],  # a copy
+    }  # fmt: skip
+    results = load.Results(items, None, None, None, None, None, pd.DataFrame())
+    section = trees_section(results, settings)
+    data = section.tables[0].data
+    # by drafter, then size; the reused copy of drafters' medusa-t16 appears once
+    assert list(zip(data["drafter"], data["tree_size"], strict=True)) == [
+        ("eagle", 8), ("medusa", 4), ("medusa", 16)
+    ]  # fmt: skip
+    assert data["nodes"].tolist() == [8.0, 4.0, 16.0] and data["depth"].tolist() == [3, 2, 3]
+    assert data["speedup"].tolist() == pytest.approx([0.9, 1.1, 0.8])
+    # tau 2.5 over a step of 260 / 100 decode steps
+    assert data["predicted_from_costs"].tolist() == pytest.approx([2.5 / 2.6] * 3)
+    assert [name for name, _, _ in section.figures] == ["trees"]
+    empty = trees_section(load.Results({}, None, None, None, None, None, pd.DataFrame()), settings)
+    assert not empty.tables and "no drafter with a tree_size" in empty.text[0]

@@ -95,6 +95,7 @@ def main() -> None:
     parser.add_argument("--per-category", type=int, default=1, help="prompts per round")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--engines", nargs="+", default=["dynamic", "compiled"])
+    parser.add_argument("--max-context", type=int, default=2048, help="lab serve's static cache")
     parser.add_argument("--out", type=Path, default=Path("experiments/serve"))
     args = parser.parse_args()
 
@@ -106,7 +107,7 @@ def main() -> None:
         for engine in args.engines:
             lab_args = ["--target", MODEL, "--device", "cpu", "--dtype", "float32",
                         "--threads", str(args.threads), "--engine", engine,
-                        "--max-new-tokens", "512"]  # fmt: skip
+                        "--max-new-tokens", str(args.max_tokens), "--max-context", str(args.max_context)]  # fmt: skip
             started = time.perf_counter()
             served = stack.enter_context(server.launched(lab_args, startup_timeout_s=1800))
             print(f"lab serve --engine {engine}: up in {time.perf_counter() - started:.0f} s")
@@ -143,7 +144,7 @@ def main() -> None:
     result = {"machine": {**machine.describe(), "flags": cpu_flags()},
               "threads": args.threads,
               "server_cpus": args.server_cpus, "client_cpus": args.client_cpus,
-              "max_tokens": args.max_tokens, "per_category": args.per_category,
+              "max_tokens": args.max_tokens, "max_context": args.max_context, "per_category": args.per_category,
               "summary": summary, "rounds": rounds}  # fmt: skip
     folder = args.out / machine_slug(machine.cpu_name())
     folder.mkdir(parents=True, exist_ok=True)

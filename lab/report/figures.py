@@ -221,3 +221,23 @@ def speedup_figure(data: pd.DataFrame, floor: tuple[float, float] | None) -> Fig
     ax.set(xlabel=SPEEDUP_LABEL, title="Speed-up of every configuration")
     ax.legend(fontsize=8)
     return fig
+
+
+def tree_figure(data: pd.DataFrame) -> Figure:
+    """tau and speed-up (with its 95% interval) against tree size, one line per drafter."""
+    fig = Figure(figsize=(9, 3.6), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    groups = list(data.groupby("drafter", sort=False))
+    for (drafter, part), style in zip(groups, styles(len(groups)), strict=True):
+        left.plot(part["tree_size"], part["mean_accepted_length"].astype(float), label=drafter,
+                  **style)  # fmt: skip
+        _errorbar(right, part["tree_size"], part, "speedup", f"{drafter} (95% CI)")
+    left.set(xlabel="tree size (nodes besides the root)", ylabel="tau (tokens per step)",
+             title="Tokens per step")  # fmt: skip
+    right.axhline(1.0, color="grey", lw=0.8, label="_baseline")
+    right.set(xlabel="tree size (nodes besides the root)", ylabel=SPEEDUP_LABEL,
+              title="Speed-up")  # fmt: skip
+    for ax in (left, right):
+        integer_ticks(ax, data["tree_size"])
+        ax.legend(fontsize=8)
+    return fig

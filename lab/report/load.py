@@ -15,8 +15,11 @@ from lab.pipeline.store import Item
 from lab.report.heads import HeadRecords, head_records
 from lab.report.http import http_frame
 
-# Stages whose items are decoding runs, in report order.
-STAGES = ("baseline", "ksweep", "policies", "drafters", "adaptive")
+# Stages whose items are decoding runs, in report order; trees is the optional pipelines/trees.
+STAGES = ("baseline", "ksweep", "policies", "drafters", "trees", "adaptive")
+# Stages of optional pipelines: an item folder holding only its git-tracked metrics.json (a clone
+# where that pipeline has not run) is skipped, not an error.
+OPTIONAL_STAGES = frozenset({"trees"})
 
 # The policies lab.engine.policies registers as lossless (tests/test_report.py checks that they
 # agree): config.json records only the policy's name, and importing the registry would load torch.
@@ -182,6 +185,8 @@ def load_results(experiments: Path) -> Results:
         if folder.is_dir():
             # Dot-folders are write_item's temporaries and leftovers, never results.
             paths = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+            if stage in OPTIONAL_STAGES:
+                paths = [p for p in paths if (p / store.CONFIG).exists()]
             items[stage] = sorted((_read_item(p) for p in paths), key=_order)
     models_path = experiments / "prepare" / "models.json"
     models = _read_json(models_path) if models_path.exists() else None

@@ -30,6 +30,7 @@ from lab.report.sections_speed import (
     predicted_section,
     protocol_section,
 )
+from lab.report.sections_trees import trees_section
 from lab.report.summary import summary_section
 from lab.report.tables import markdown, write_table
 
@@ -44,6 +45,7 @@ def sections(results: Results, settings: ReportSettings) -> list[Section]:
         ksweep_section(results, settings),
         policies_section(results, settings),
         drafters_section(results, settings),
+        trees_section(results, settings),
         # What the Medusa and EAGLE heads learned from, where the heads stage ran.
         *([heads_section(results)] if not results.heads.empty else []),
         controllers_section(results, settings),
