@@ -130,6 +130,8 @@ def test_configurations_from_items(tmp_path: Path) -> None:
             _item(tmp_path, "policies", "typical", "typical", _metrics(1.2, None, None)),
         ],
         "adaptive": [_item(tmp_path, "adaptive", "typical", "exact", _metrics(0.9, 0.8, 1.0))],
+        # the optional tree-size sweep stays off the headline (dvc exp show)
+        "trees": [_item(tmp_path, "trees", "medusa-t4", "exact", _metrics(0.9, 0.8, 1.0))],
     }  # fmt: skip
     outputs = pd.DataFrame({"stage": ["policies", "policies", "ksweep"],
                             "item": ["typical", "typical", "k4"], "question_id": ["1", "2", "1"],

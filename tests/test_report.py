@@ -402,10 +402,10 @@ def test_missing_stages_render(experiments: Path, settings: ReportSettings, tmp_
     (partial / "trees" / "medusa-t4" / "metrics.json").write_text("{}")
     written = render(partial, tmp_path / "reports", settings)
     text = (tmp_path / "reports" / "report.md").read_text()
-    for heading in ("Acceptance policies", "Drafters", "Tree size", "K controllers", "Perplexity",
-                    "GPU"):  # fmt: skip
+    for heading in ("Acceptance policies", "Drafters", "K controllers", "Perplexity", "GPU"):
         section = text.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
         assert section.strip().startswith("_No data:"), heading
+    assert "## Tree size" not in text  # shown only where a drafter proposed trees
     assert (tmp_path / "reports" / "tables" / "ksweep.csv") in written
     assert not (tmp_path / "reports" / "tables" / "policies.csv").exists()
     assert pd.read_csv(tmp_path / "reports" / "plots" / "frontier.csv").empty

@@ -15,7 +15,14 @@ from typing import Any
 import pandas as pd
 
 from lab.pipeline import store
-from lab.report.load import Results, is_baseline, is_lossy, load_results, read_csv
+from lab.report.load import (
+    OPTIONAL_STAGES,
+    Results,
+    is_baseline,
+    is_lossy,
+    load_results,
+    read_csv,
+)
 
 # Written by the report stage, declared under `metrics:` in dvc.yaml (the only metrics file).
 HEADLINE = Path("metrics.json")
@@ -60,12 +67,15 @@ def _number(value: Any) -> float:
 
 
 def configurations(results: Results) -> pd.DataFrame:
-    """One row per configuration that ran its own generations (reused copies appear once)."""
+    """One row per configuration of the default pipeline that ran its own generations (reused
+    copies appear once; optional pipelines' sweeps stay in the report, off `dvc exp show`)."""
     ppl = _mean_ppl(results)
     rows: list[dict[str, Any]] = []
     taken: set[str] = set()
     for item in results.runs:
         stage, name, m = item.path.parent.name, item.path.name, item.metrics
+        if stage in OPTIONAL_STAGES:
+            continue
         key = _name(stage, name, taken)
         taken.add(key)
         rows.append({

@@ -30,7 +30,7 @@ from lab.report.sections_speed import (
     predicted_section,
     protocol_section,
 )
-from lab.report.sections_trees import trees_section
+from lab.report.sections_trees import tree_items, trees_section
 from lab.report.summary import summary_section
 from lab.report.tables import markdown, write_table
 
@@ -45,7 +45,8 @@ def sections(results: Results, settings: ReportSettings) -> list[Section]:
         ksweep_section(results, settings),
         policies_section(results, settings),
         drafters_section(results, settings),
-        trees_section(results, settings),
+        # Tree sizes, where a drafter proposed trees (the default run's, or pipelines/trees').
+        *([trees_section(results, settings)] if tree_items(results) else []),
         # What the Medusa and EAGLE heads learned from, where the heads stage ran.
         *([heads_section(results)] if not results.heads.empty else []),
         controllers_section(results, settings),
