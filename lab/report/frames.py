@@ -128,3 +128,9 @@ def step_costs(item: Item, baseline: Item | None) -> dict[str, float | None]:
         "verify_cost": float(steps["verify_ms"].mean()) / decode,
         "step_cost": float(steps["step_ms"].mean()) / decode,
     }
+
+
+def cost_model(data: pd.DataFrame) -> pd.Series:
+    """The measured-cost prediction: tau over the whole step's cost in decode steps (step_cost),
+    the one definition the summary's reading of tau uses too."""
+    return data["mean_accepted_length"] / data["step_cost"]

@@ -11,6 +11,7 @@ from lab.report.figures import accepted_length_figure, frontier_figure, ksweep_f
 from lab.report.frames import (
     STEP_COST_COLUMNS,
     accepted_length,
+    cost_model,
     perplexity_by_item,
     ppl_of,
     spec_frame,
@@ -233,8 +234,7 @@ def predicted_section(results: Results, settings: ReportSettings) -> Section:
     data["measured_over_predicted"] = data["speedup"] / data["predicted_speedup"].astype(float)
     costs = pd.DataFrame([step_costs(i, results.baseline) for i in items], index=data.index)
     data[list(STEP_COST_COLUMNS)] = costs[list(STEP_COST_COLUMNS)]
-    # The summary's reading of tau uses the same step_cost: one definition of a step's cost.
-    data["predicted_from_costs"] = data["mean_accepted_length"] / data["step_cost"]
+    data["predicted_from_costs"] = cost_model(data)
     data["measured_over_costs"] = data["speedup"] / data["predicted_from_costs"]
     section.text.append(
         "Leviathan et al.'s prediction assumes a verify step costs one decode step and i.i.d. "

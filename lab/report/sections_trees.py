@@ -6,7 +6,7 @@ import pandas as pd
 
 from lab.pipeline.store import Item
 from lab.report.figures import tree_figure
-from lab.report.frames import spec_frame, step_costs
+from lab.report.frames import cost_model, spec_frame, step_costs
 from lab.report.load import ReportSettings, Results, first, method
 from lab.report.sections import Section, no_data
 from lab.report.tables import ci, make_table
@@ -24,10 +24,7 @@ def tree_size(item: Item) -> int | None:
 def tree_items(results: Results) -> list[Item]:
     """Every item of a drafter with a tree size, by drafter then size (reused copies left out)."""
     found = [
-        i
-        for stage in TREE_STAGES
-        for i in results.items.get(stage, [])
-        if tree_size(i) is not None and "reused_from" not in i.config
+        i for i in results.runs if i.path.parent.name in TREE_STAGES and tree_size(i) is not None
     ]
     return sorted(found, key=lambda i: (method(i)["drafter"], tree_size(i)))
 
@@ -45,7 +42,7 @@ def tree_frame(results: Results, settings: ReportSettings) -> pd.DataFrame:
     data.insert(4, "depth", [float(first(i.steps)["depth"].mean()) for i in items])
     costs = pd.DataFrame([step_costs(i, results.baseline) for i in items], index=data.index)
     data["step_cost"] = costs["step_cost"]
-    data["predicted_from_costs"] = data["mean_accepted_length"] / data["step_cost"]
+    data["predicted_from_costs"] = cost_model(data)
     return data
 
 
