@@ -480,6 +480,9 @@ def _cmd_bench(args: argparse.Namespace) -> None:
         if result[key] is not None:  # both methods ran
             print(f"{label + ':':34}{result[key]:.3f}x")
     print(f"every output token-identical to {result['identity_reference']}: {result['identical']}")
+    for method, counts in result["lossless_per_method"].items():
+        if counts and counts["identical"] < sum(counts.values()):  # what the forks were
+            print(f"{method}: " + ", ".join(f"{n} {verdict}" for verdict, n in counts.items()))
     print("speculative step (ms):", json.dumps(result["speculative_steps"]))
     for path, sweep in result.get("ceiling", {}).items():
         for row in sweep:

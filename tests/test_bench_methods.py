@@ -8,6 +8,7 @@ import pytest
 
 from lab import cli, models
 from lab.bench import hf as bench
+from lab.bench import results
 from lab.models import random as random_models
 
 TINY = ["bench", "--target", "tiny-random-qwen2", "--draft", "tiny-random-qwen2-draft"]
@@ -93,6 +94,9 @@ def test_cli_runs_only_the_chosen_methods(capsys):
     assert controlled["speedup_over"] == "lab_baseline_static" and controlled["speedup"] > 0
     assert controlled["predicted_speedup"] > 0
     assert out["methods"]["lab_baseline_static"]["speedup"] is None  # lab_baseline did not run
+    n = len(controlled["verdicts"])
+    assert n > 0 and controlled["lossless"] == {"identical": n, "numerics": 0, "violation": 0}
+    assert out["violations"] == 0
     assert out["fused"] == {"target": False, "draft": False}  # the CPU's default
 
 
@@ -103,3 +107,29 @@ def test_run_without_hf_generate_holds_tokens_against_the_lab_baseline(qwen2, pr
     assert (
         result["speculative_vs_lab_baseline"] > 0 and result["speculative_vs_hf_assisted"] is None
     )
+
+
+def test_verdicts_classify_each_fork_as_the_pipeline_does(qwen2, prompt_ids):
+    """Per prompt, in order: identical; a changed token far below the top (a violation); an
+    output one token short (a violation: equal-length greedy outputs never allow a prefix)."""
+    result = bench.run(qwen2, qwen2, [prompt_ids], 2, 12, only=["lab_baseline"])
+    ref = result["methods"]["lab_baseline"]
+    assert ref["verdicts"] == ["identical"] and ref["lossless"]["identical"] == 1
+    base = bench._hf(qwen2, prompt_ids, 12)  # HF's greedy generate: the same tokens
+    vocab = len(qwen2.tokenizer)
+    changed = base[:5] + [(base[5] + 7) % vocab] + base[6:]
+    got = bench.verdicts(qwen2, [prompt_ids] * 3, [base, changed, base[:-1]], [base] * 3)
+    assert got == ["identical", "violation", "violation"]
+
+
+def test_rows_carry_the_verdict_counts():
+    env = {"device": "cpu", "driver": None, "torch": "2"}
+    info = {"cache": "dynamic", "drafter": "draft", "tokens_per_s": 5.0,
+            "decode_tokens_per_s": None, "speedup": 1.1, "speedup_over": "lab_baseline",
+            "acceptance_rate": 0.5, "identical": False,
+            "lossless": {"identical": 4, "numerics": 2, "violation": 1}}  # fmt: skip
+    result = {"environment": env, "target": "m", "dtype": "bfloat16", "k": 4,
+              "bandwidth_limit_tokens_per_s": None,
+              "methods": {"lab_speculative": info}}  # fmt: skip
+    row = results.rows(result)["lab_speculative"]
+    assert (row["identical"], row["numerics"], row["violation"]) == (False, 2, 1)

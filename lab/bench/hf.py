@@ -29,6 +29,7 @@ from lab.engine.policies import get_policy
 from lab.engine.records import PromptResult, cost_ratio, mean_accepted_length, predicted_speedup
 from lab.engine.session import Clock
 from lab.method import Method, make_drafter
+from lab.pipeline import lossless
 from lab.stats import step_breakdown
 
 ORACLE = "lab_speculative_oracle"
@@ -258,12 +259,19 @@ def _step_breakdown(results: list[PromptResult]) -> dict[str, float]:
     return {**step_breakdown(steps), "mean_accepted_length": float(steps["emitted"].mean())}
 
 
-def _first_difference(tokens: list[int], reference: list[int]) -> int | None:
-    """Index of the first token that differs from the reference (None: identical)."""
-    if tokens == reference:
-        return None
-    pairs = zip(tokens, reference, strict=False)
-    return next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(tokens), len(reference)))
+def verdicts(
+    target: LoadedModel, prompts: list[list[int]], tokens: list[list[int]],
+    reference: list[list[int]],
+) -> list[lossless.Verdict]:  # fmt: skip
+    """Per prompt: identical to the reference, or the pipeline's classification of its first
+    fork (lab.pipeline.lossless: a numerics flip between two near-tied top tokens, at the
+    dtype's tolerance, or a violation). Every bench method is greedy and meant to be lossless."""
+    out: list[lossless.Verdict] = []
+    for ids, mine, ref in zip(prompts, tokens, reference, strict=True):
+        diff = lossless.first_diff(mine, ref)
+        scored = None if diff is None else lossless.score_fork(target, ids, mine, ref, diff)
+        out.append("identical" if scored is None else scored["verdict"])  # type: ignore[arg-type]
+    return out
 
 
 def _static_engines(
@@ -301,9 +309,10 @@ def _method_summary(
     results: list[PromptResult],
     reference: list[list[int]] | None,
     tps: dict[str, float],
+    verdict: list[lossless.Verdict] | None,
 ) -> dict[str, Any]:
-    """tokens/s, speed-up over its reference, acceptance and token identity of one method
-    (None where the run left its reference out)."""
+    """tokens/s, speed-up over its reference, acceptance, token identity and lossless verdicts
+    of one method (None where the run left its reference out)."""
     proposed = sum(s.proposed for r in results for s in r.steps)
     accepted = sum(s.accepted for r in results for s in r.steps)
     peaks = [r.peak_cuda_mb for r in results if r.peak_cuda_mb is not None]
@@ -322,7 +331,10 @@ def _method_summary(
         "identical": None if reference is None else tokens == reference,
         "first_difference": None
         if reference is None
-        else [_first_difference(t, r) for t, r in zip(tokens, reference, strict=True)],
+        else [lossless.first_diff(t, r) for t, r in zip(tokens, reference, strict=True)],
+        "verdicts": verdict,
+        # identical / numerics / violation: how many prompts each
+        "lossless": None if verdict is None else {v: verdict.count(v) for v in lossless.VERDICTS},
         "peak_cuda_mb": max(peaks) if peaks else None,
         "steps": _step_breakdown(results) if results else None,
     }
@@ -447,8 +459,11 @@ def run(
     tps = {m: sum(map(len, tokens[m])) / seconds[m] for m in table}
     identity = next((m for m in IDENTITY_REFERENCES if m in table), None)
     reference = tokens[identity] if identity else None
+    checked = {m: None if reference is None else verdicts(target, prompts, tokens[m], reference)
+               for m in table}  # fmt: skip
     summaries = {
-        m: _method_summary(m, spec, tokens[m], seconds[m], lab_results[m], reference, tps)
+        m: _method_summary(m, spec, tokens[m], seconds[m], lab_results[m], reference, tps,
+                           checked[m])  # fmt: skip
         for m, spec in table.items()
     }
     for m, runner in runners.items():
@@ -488,6 +503,9 @@ def run(
         "identity_reference": identity,
         "identical": None if reference is None else all(tokens[m] == reference for m in table),
         "identical_per_method": {m: summaries[m]["identical"] for m in table},
+        # A violation is a bug; numerics flips are bf16/fp16 rounding (lab.pipeline.lossless).
+        "lossless_per_method": {m: summaries[m]["lossless"] for m in table},
+        "violations": sum((summaries[m]["lossless"] or {}).get("violation", 0) for m in table),
         "speculative_steps": summaries.get("lab_speculative", {}).get("steps"),
         "baseline_steps": summaries.get("lab_baseline", {}).get("steps"),
         "methods": summaries,

@@ -45,7 +45,8 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 ROW_KEYS = ("device", "driver", "torch", "model", "dtype", "method", "cache", "drafter", "k",
             "tokens_per_s", "decode_tokens_per_s", "fraction_of_bandwidth_limit", "speedup",
-            "speedup_over", "decode_speedup", "bound", "acceptance_rate", "identical")  # fmt: skip
+            "speedup_over", "decode_speedup", "bound", "acceptance_rate", "identical",
+            "numerics", "violation")  # fmt: skip
 
 
 def _row(result: dict[str, Any], **fields: Any) -> dict[str, Any]:
@@ -69,7 +70,7 @@ def rows(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
             k=result["k"] if info["drafter"] else None, tokens_per_s=info["tokens_per_s"],
             decode_tokens_per_s=info["decode_tokens_per_s"], speedup=info["speedup"],
             speedup_over=info["speedup_over"], acceptance_rate=info["acceptance_rate"],
-            identical=info["identical"],
+            identical=info["identical"], **_verdict_counts(info.get("lossless")),
         )  # fmt: skip
     if result.get("compiled_step_tokens_per_s"):
         out["compiled_step_replay"] = _row(
@@ -87,6 +88,11 @@ def rows(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
                 acceptance_rate=c["acceptance_rate"], identical=c["identical"],
             )  # fmt: skip
     return out
+
+
+def _verdict_counts(counts: dict[str, int] | None) -> dict[str, int | None]:
+    """Prompts that fork from the reference by a numerics flip, and by a violation."""
+    return {v: None if counts is None else counts[v] for v in ("numerics", "violation")}
 
 
 def default_tag(result: dict[str, Any]) -> str:

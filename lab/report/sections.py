@@ -220,8 +220,11 @@ def position_section(results: Results) -> Section:
 # other recorded column (driver, torch, bound, decode-only speeds, the K sweeps) stays in its CSV.
 GPU_KEYS = ("device", "model", "method", "cache")
 GPU_COLUMNS = ("device", "model", "dtype", "method", "cache", "k", "tokens_per_s", "speedup",
-               "speedup_over", "acceptance_rate", "identical")  # fmt: skip
-GPU_SHOWN = {"speed-up": "speed-up (x)", "speedup_over": "over", "identical": "identical output"}
+               "speedup_over", "acceptance_rate", "identical", "numerics", "violation")  # fmt: skip
+# numerics / violation: prompts whose output forks from the reference method's, classified as the
+# pipeline's lossless check does (files written before `lab bench` classified them have none).
+GPU_SHOWN = {"speed-up": "speed-up (x)", "speedup_over": "over", "identical": "identical output",
+             "numerics": "numerics flips", "violation": "violations"}  # fmt: skip
 
 
 def gpu_table(full: pd.DataFrame) -> pd.DataFrame:
