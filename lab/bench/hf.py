@@ -462,8 +462,9 @@ def run(
     checked = {m: None if reference is None else verdicts(target, prompts, tokens[m], reference)
                for m in table}  # fmt: skip
     summaries = {
-        m: _method_summary(m, spec, tokens[m], seconds[m], lab_results[m], reference, tps,
-                           checked[m])  # fmt: skip
+        m: _method_summary(
+            m, spec, tokens[m], seconds[m], lab_results[m], reference, tps, checked[m]
+        )  # fmt: skip
         for m, spec in table.items()
     }
     for m, runner in runners.items():
