@@ -44,6 +44,7 @@ from lab.report.sections import gpu_table, lossless_table
 from lab.report.sections_speed import predicted_section, protocol_section
 from lab.report.sections_trees import trees_section
 from lab.report.summary import summary_text
+from lab.report.tables import make_table
 from lab.stats import summarize
 from tests.test_bench_engine import write_hand_results
 
@@ -813,6 +814,16 @@ def test_gpu_table_is_one_row_per_method_and_device() -> None:
                     ("H200", "oracle", "static"), ("EPYC", "oracle", "dynamic")]  # fmt: skip
     assert table["speedup"].tolist()[1:] == [3.0, 4.0, 2.2]  # the default K (4), not the sweep
     assert "driver" not in table and table["k"].tolist()[1:] == [4, 4, 4]
+
+
+def test_gpu_table_counts_verdicts_in_whole_prompts() -> None:
+    """Files from before `lab bench` classified forks have no counts: n/a there, integers here."""
+    base = {"device": "H200", "model": "m", "dtype": "bfloat16", "cache": "static"}
+    files = [{**base, "method": "old", "identical": False},
+             {**base, "method": "new", "identical": False, "numerics": 6.0, "violation": 0.0}]
+    table = make_table("gpu", "GPU", gpu_table(pd.DataFrame(files)))
+    assert table.shown["numerics"].tolist() == ["n/a", "6"]
+    assert table.shown["violation"].tolist() == ["n/a", "0"]
 
 
 def test_steps_written_before_trees_read_with_depth(experiments: Path, tmp_path: Path) -> None:
