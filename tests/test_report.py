@@ -819,8 +819,10 @@ def test_gpu_table_is_one_row_per_method_and_device() -> None:
 def test_gpu_table_counts_verdicts_in_whole_prompts() -> None:
     """Files from before `lab bench` classified forks have no counts: n/a there, integers here."""
     base = {"device": "H200", "model": "m", "dtype": "bfloat16", "cache": "static"}
-    files = [{**base, "method": "old", "identical": False},
-             {**base, "method": "new", "identical": False, "numerics": 6.0, "violation": 0.0}]
+    files = [
+        {**base, "method": "old", "identical": False},
+        {**base, "method": "new", "identical": False, "numerics": 6.0, "violation": 0.0},
+    ]
     table = make_table("gpu", "GPU", gpu_table(pd.DataFrame(files)))
     assert table.shown["numerics"].tolist() == ["n/a", "6"]
     assert table.shown["violation"].tolist() == ["n/a", "0"]
