@@ -2,7 +2,8 @@
 engine, interleaved rounds) with the linears on MKL, on oneDNN's prepacked copy (lab's default on
 CPU fp32) and on the packed kernel, one after another in one process.
 
-usage: python experiments/kernels/model.py [MODEL] [--repeats 5]   (MODEL: qwen2.5-coder-1.5b-instruct)
+usage: python experiments/kernels/model.py [MODEL] [--repeats 5]
+MODEL: qwen2.5-coder-1.5b-instruct unless given.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ import json
 import sys
 
 import torch
-
 from kernel import build, has_avx512, unwrap, wrap
+
 from lab import models
 from lab.bench.engine import forward_costs, token_ids
 from lab.engine import prepack
@@ -36,6 +37,8 @@ def main() -> None:
         engine = DynamicEngine(lm)
         engine.start(prompt)
         return engine.forward(step, 5)[0]
+
+    reference = logits()  # MKL's
     for linears in ("mkl", "onednn", "kernel", "mkl"):  # MKL again last: did the machine drift?
         if linears == "onednn":
             prepack.prepack(lm.model)
@@ -44,11 +47,10 @@ def main() -> None:
             diff = (logits() - reference).abs().max().item()
             out["kernel_max_abs_logit_diff"] = diff  # fp32 rounding: a few 1e-5 of logits ~10-40
             print("kernel: largest |logit - MKL's| on a 5-token step", diff, flush=True)
-        if linears == "mkl" and "mkl" not in out:
-            reference = logits()
         costs = forward_costs(DynamicEngine(lm), prompt, repeats, 0, sizes)
         key = linears if linears not in out else f"{linears}_again"
-        out[key] = {n: {"ms": round(c["ms"], 1), "ratio": round(c["ratio"], 3)} for n, c in costs.items()}
+        out[key] = {n: {"ms": round(c["ms"], 1), "ratio": round(c["ratio"], 3)}
+                    for n, c in costs.items()}  # fmt: skip
         print(key, json.dumps(out[key]), flush=True)
         if linears == "onednn":
             prepack.unpack(lm.model)

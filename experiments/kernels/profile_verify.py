@@ -52,8 +52,17 @@ def main() -> None:
     rows = sorted(set(one) | set(five), key=lambda k: -(five.get(k, 0) - one.get(k, 0)))
     table = [{"op": k, "ms_1": round(one.get(k, 0), 1), "ms_5": round(five.get(k, 0), 1),
               "extra_ms": round(five.get(k, 0) - one.get(k, 0), 1)} for k in rows[:12]]  # fmt: skip
-    print(json.dumps({"model": name, "total_ms_1": round(sum(one.values()), 1),
-                      "total_ms_5": round(sum(five.values()), 1), "top": table}, indent=1))
+    print(
+        json.dumps(
+            {
+                "model": name,
+                "total_ms_1": round(sum(one.values()), 1),
+                "total_ms_5": round(sum(five.values()), 1),
+                "top": table,
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":
