@@ -1,10 +1,12 @@
 """GPU: where one compiled decode step's time goes (lab's StaticEngine, CUDA graph replay).
 
-usage: python profile_step.py MODEL MAX_LEN OUT.json [--no-fuse]
+usage: python profile_step.py MODEL MAX_LEN OUT.json [--no-fuse] [--autotune]
 
 Builds the compiled engine with step size 1 (MAX_LEN as lab bench-engine's, so inductor's cache
 from an earlier run in the same machine is reused), then times 200 replays of a one-token step
 (wall) and profiles 50 of them (CUPTI: kernel device time, grouped by kind of kernel).
+--autotune: inductor's max-autotune GEMM search (Triton against cuBLAS per shape) and coordinate
+descent tuning of its own kernels, set before the step compiles (gpt-fast's settings).
 """
 
 from __future__ import annotations
@@ -38,6 +40,12 @@ def kind(name: str) -> str:
 def main() -> None:
     name, max_len, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     fuse = "--no-fuse" not in sys.argv
+    autotune = "--autotune" in sys.argv
+    if autotune:
+        from torch._inductor import config as inductor
+
+        inductor.max_autotune = True
+        inductor.coordinate_descent_tuning = True
     lm = random_models.load(name, "cuda", "bfloat16")
     engine = StaticEngine(lm, max_len, compile=True, sizes=(1,), fuse=fuse)
     prompt = list(range(1000, 1128))  # 128 tokens: lab bench-engine's cache length
@@ -76,7 +84,7 @@ def main() -> None:
     weight_bytes = weight_bytes_per_token(lm.model)
     top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:25]
     result = {
-        "model": name, "fused": is_fused(lm.model), "max_len": max_len,
+        "model": name, "fused": is_fused(lm.model), "max_len": max_len, "autotune": autotune,
         "device": torch.cuda.get_device_name(), "torch": torch.__version__,
         "step_wall_ms": wall_ms, "step_gpu_ms": gpu_ms,
         "kernels_per_step": sum(c for _, c in kernels.values()),
