@@ -12,6 +12,7 @@ import transformers
 
 from lab import machine
 from lab.bench.roofline import hbm_bandwidth
+from lab.pipeline import lossless
 
 
 def _driver() -> str | None:
@@ -92,7 +93,7 @@ def rows(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def _verdict_counts(counts: dict[str, int] | None) -> dict[str, int | None]:
     """Prompts that fork from the reference by a numerics flip, and by a violation."""
-    return {v: None if counts is None else counts[v] for v in ("numerics", "violation")}
+    return {v: None if counts is None else counts[v] for v in lossless.VERDICTS[1:]}
 
 
 def default_tag(result: dict[str, Any]) -> str:

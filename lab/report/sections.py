@@ -237,7 +237,7 @@ def gpu_table(full: pd.DataFrame) -> pd.DataFrame:
         frame["_other_k"] = frame["k"].notna() & (frame["k"] != usual)
         frame = frame.sort_values("_other_k", kind="stable")
         frame["k"] = frame["k"].astype("Int64")  # 4, not 4.00 (NaN made the column float)
-    for count in ("numerics", "violation"):  # prompt counts: 6, not 6.00 (older files: NaN)
+    for count in LOSSLESS_VERDICTS[1:]:  # prompt counts: 6, not 6.00 (older files: NaN)
         if count in frame:
             frame[count] = frame[count].astype("Int64")
     curated = (frame.drop_duplicates(keys) if keys else frame).sort_index()
