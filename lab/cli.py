@@ -21,6 +21,8 @@ from lab.prompts import BUILTIN, CATEGORIES, Prompt, PromptError, encode, load_s
 # lab.engine.caches.ENGINES, named here so that parsing never imports torch (tests/test_cli.py
 # keeps the two equal).
 ENGINES = ("dynamic", "static", "compiled")
+# lab.bench.engine.ATTENTIONS, likewise.
+ATTENTIONS = ("sdpa", "sdpa-no-cudnn", "eager")
 
 DEFAULT_TARGET = "qwen2.5-coder-1.5b-instruct"
 DEFAULT_DRAFT = "qwen2.5-coder-0.5b-instruct"
@@ -228,6 +230,16 @@ def _add_bench_engine(sub: Any) -> None:
     e.add_argument("--threads", type=int, default=None, help="torch CPU threads (omit: torch's)")
     e.add_argument("--no-fuse", action="store_true",
                    help="unfused q/k/v, gate/up (static engines fuse on CUDA)")  # fmt: skip
+    e.add_argument(
+        "--attention", choices=ATTENTIONS, default="sdpa",
+        help="attention kernel: transformers' sdpa (cuDNN on CUDA bf16), sdpa without cuDNN, "
+        "or eager (matmul + softmax, fused by inductor when compiled)",
+    )  # fmt: skip
+    e.add_argument(
+        "--int8",
+        action="store_true",
+        help="int8 weight-only linears (CPU; lab.engine.quantize), not prepacked",
+    )
     e.add_argument("--prepack", choices=["both", "on", "off"], default="both",
                    help="oneDNN-prepacked linears (CPU float32): measure without and with, "
                    "only with, or only without")  # fmt: skip
@@ -260,6 +272,11 @@ def _add_http_commands(sub: Any) -> None:
     s.add_argument(
         "--max-context", type=int, default=2048,
         help="static/compiled: positions a request may fill (prompt + max_tokens)",
+    )  # fmt: skip
+    s.add_argument(
+        "--int8", action="store_true",
+        help="int8 weight-only linears for target and draft (CPU; steps of up to 16 tokens read "
+        "a quarter of the fp32 weight bytes; outputs change: lab.engine.quantize)",
     )  # fmt: skip
     s.add_argument("--served-model-name", default=None, help="model id (default: the target)")
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads (omit: torch's)")
@@ -331,6 +348,12 @@ def _check_models(args: argparse.Namespace) -> None:
     if args.draft:
         models.check_name(args.draft)
         models.check_pair(args.target, args.draft, args.trust_remote_code)
+
+
+def _check_int8(int8: bool, device: Any) -> None:
+    """--int8 runs torch's CPU kernel: refuse another device before any model loads."""
+    if int8 and device.type != "cpu":
+        raise ValueError(f"--int8 needs --device cpu (int8 linears are a CPU kernel), not {device}")
 
 
 def _load_pair(args: argparse.Namespace) -> tuple[models.LoadedModel, models.LoadedModel | None]:
@@ -525,11 +548,14 @@ def _cmd_bench_engine(args: argparse.Namespace) -> None:
         args.prompt_tokens, args.prefill_tokens, args.repeats, args.decode_steps,
         bandwidth_bytes=None if args.bandwidth_mib is None else args.bandwidth_mib * 2**20,
         fuse=False if args.no_fuse else None,
-        prepack={"both": None, "on": True, "off": False}[args.prepack],
+        # --int8 replaces the linears prepacking would: "both" means none; "on" is refused.
+        prepack={"both": False if args.int8 else None, "on": True, "off": False}[args.prepack],
+        attention=args.attention, quantize=args.int8,
     )  # fmt: skip
     if args.threads:
         torch.set_num_threads(args.threads)
     device = models.resolve_device(args.device)
+    _check_int8(args.int8, device)
 
     def load(name: str, dtype: str | None) -> models.LoadedModel:
         return random_models.load(name, str(device), dtype)
@@ -580,7 +606,13 @@ def _cmd_serve(args: argparse.Namespace) -> None:
                          f"--max-new-tokens {args.max_new_tokens}")  # fmt: skip
     if args.threads:
         torch.set_num_threads(args.threads)
+    _check_int8(args.int8, models.resolve_device(args.device))
     target, draft = _load_pair(args)
+    if args.int8:
+        from lab.engine import quantize
+
+        for lm in filter(None, (target, draft)):
+            quantize.quantize(lm.model)
     method = (
         Method("draft_model", args.policy, args.k, args.controller, options) if draft else Method()
     )

@@ -147,6 +147,7 @@ def test_help_shows_defaults(capsys):
 
 def test_parser_name_lists_match_the_registries():
     # The parser's torch-free copies of the names (lab --help must not import torch).
+    from lab.bench.engine import ATTENTIONS
     from lab.drafting.names import DRAFTER_NAMES
     from lab.drafting.registry import DRAFTERS
     from lab.engine.caches import ENGINES
@@ -154,7 +155,7 @@ def test_parser_name_lists_match_the_registries():
     from lab.engine.policies import POLICIES
 
     assert tuple(DRAFTERS) == DRAFTER_NAMES and tuple(POLICIES) == POLICY_NAMES
-    assert cli.ENGINES == ENGINES
+    assert cli.ENGINES == ENGINES and cli.ATTENTIONS == ATTENTIONS
     assert models.DTYPES == ("float32", "bfloat16", "float16")
 
 

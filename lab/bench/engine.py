@@ -23,7 +23,7 @@ import torch
 from lab import machine
 from lab.bench.results import environment
 from lab.bench.roofline import weight_bytes_per_token
-from lab.engine import caches, prepack
+from lab.engine import caches, prepack, quantize
 from lab.engine.caches import ENGINES, Engine, StaticEngine
 from lab.engine.fuse import is_fused
 from lab.engine.model import LoadedModel
@@ -33,6 +33,10 @@ SIZES = tuple(range(1, 10))  # tokens in one forward: decode (1) and verify at K
 # 1.5B model: nine sizes ran past the GPU's time budget, so it measures decode, the draft model's
 # 2-token step and verify at K = 4 and K = 8 only.
 COMPILED_SIZES = (1, 2, 5, 9)
+# Attention kernels a benchmark can ask for: transformers' sdpa (on CUDA bf16 torch dispatches it
+# to cuDNN), sdpa with cuDNN's backend switched off (torch then picks memory-efficient attention),
+# or transformers' eager attention (matmul + softmax, which inductor fuses in a compiled step).
+ATTENTIONS = ("sdpa", "sdpa-no-cudnn", "eager")
 VERIFY_K4 = 5  # K = 4 drafts verified with the bonus position: a forward of 5 tokens
 # CPU flags that decide which dtype and kernels are fast (bf16 matrix units, wide vectors).
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
@@ -54,12 +58,19 @@ class Settings:
     # oneDNN-prepacked linears for multi-token steps (lab.engine.prepack). None: where they
     # apply (CPU float32), each engine measured both without and with them, side by side.
     prepack: bool | None = None
+    attention: str = "sdpa"  # one of ATTENTIONS
+    quantize: bool = False  # int8 weight-only linears (lab.engine.quantize; CPU)
 
     def __post_init__(self) -> None:
         for name in ("prompt_tokens", "prefill_tokens", "repeats", "decode_steps",
                      "prefill_repeats"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"unknown attention {self.attention!r}: use one of "
+                             f"{', '.join(ATTENTIONS)}")  # fmt: skip
+        if self.quantize and self.prepack:
+            raise ValueError("int8 linears replace prepacked ones: not both")
         if self.bandwidth_bytes is not None and self.bandwidth_bytes < 2**20:
             raise ValueError(f"bandwidth_bytes must be at least 1 MiB, got {self.bandwidth_bytes}")
 
@@ -67,6 +78,14 @@ class Settings:
     def max_len(self) -> int:
         """Static cache positions every measurement fits in."""
         return max(self.prefill_tokens, self.prompt_tokens + self.decode_steps + max(SIZES))
+
+
+def set_attention(lm: LoadedModel, name: str) -> None:
+    """Run lm's attention with the named kernel (ATTENTIONS); sdpa-no-cudnn is process-wide."""
+    if name not in ATTENTIONS:
+        raise ValueError(f"unknown attention {name!r}: use one of {', '.join(ATTENTIONS)}")
+    torch.backends.cuda.enable_cudnn_sdp(name != "sdpa-no-cudnn")
+    lm.model.set_attn_implementation("eager" if name == "eager" else "sdpa")
 
 
 def check_engines(names: Sequence[str]) -> None:
@@ -272,8 +291,9 @@ def bench_engine(
         role = "target" if lm is target else "draft"
         fused = is_fused(lm.model)  # in place: what this engine's steps ran
         packed = prepack.is_prepacked(lm.model)
+        int8 = quantize.is_quantized(lm.model)
         entries.append(entry | {"role": role, "compile_s": compile_s, "draft": None, "c": None,
-                                "fused": fused, "prepacked": packed})  # fmt: skip
+                                "fused": fused, "prepacked": packed, "int8": int8})  # fmt: skip
     if draft is not None:
         # c: the draft's cost per proposed token over the target's decode step (DESIGN.md).
         entries[0] |= {"draft": draft.name, "c": steps[1] / steps[0]}
@@ -306,6 +326,11 @@ def run(
     for dtype in dtypes:
         lm = load(target, dtype)
         small = load(draft, dtype) if draft else None
+        for model in (lm, small):
+            if model is not None:
+                set_attention(model, settings.attention)
+                if settings.quantize:
+                    quantize.quantize(model.model)
         for packed in _prepack_variants(lm, settings.prepack):
             for model in [m for m in (lm, small) if m is not None] if packed else []:
                 prepack.prepack(model.model)
@@ -319,7 +344,7 @@ def run(
 
 def _prepack_variants(lm: LoadedModel, setting: bool | None) -> list[bool]:
     """Without, then with prepacked linears: both where they apply unless the setting says."""
-    applies = prepack.applies(lm.device, lm.dtype)
+    applies = prepack.applies(lm.device, lm.dtype) and not quantize.is_quantized(lm.model)
     if setting and not applies:
         raise ValueError(
             f"prepacked linears need a CPU float32 model, not {lm.dtype} on {lm.device}"
@@ -342,7 +367,8 @@ def file_name(entry: dict[str, Any]) -> str:
     """<model>-<dtype>-<engine>.json, the model's '/' made safe."""
     model = re.sub(r"[^A-Za-z0-9._-]+", "_", entry["model"])
     packed = "-prepacked" if entry.get("prepacked") else ""
-    return f"{model}-{entry['dtype']}-{entry['engine']}{packed}.json"
+    int8 = "-int8" if entry.get("int8") else ""
+    return f"{model}-{entry['dtype']}-{entry['engine']}{packed}{int8}.json"
 
 
 def write(entries: Sequence[dict[str, Any]], folder: Path) -> list[Path]:

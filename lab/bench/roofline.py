@@ -11,6 +11,7 @@ from transformers import PreTrainedModel
 from lab.drafting.oracle import OracleDrafter, oracle_for, settle
 from lab.engine.caches import StaticEngine
 from lab.engine.model import LoadedModel
+from lab.engine.quantize import Int8Linear
 from lab.engine.records import PromptResult
 
 
@@ -124,14 +125,21 @@ def hbm_bandwidth(device_name: str) -> float | None:
 
 def weight_bytes_per_token(model: PreTrainedModel) -> int:
     """Weight bytes one decode step must read: every parameter once, an untied input embedding
-    only one row (parameters() lists a tied matrix once: read in full as the LM head)."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    only one row (parameters() lists a tied matrix once: read in full as the LM head), and an
+    int8 linear (lab.engine.quantize) its int8 copy and scales instead of its float weight."""
+    int8 = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    full = {id(p): p for p in model.parameters()}  # parameters a step reads whole
+    for linear in int8:
+        full.pop(id(linear.weight), None)
     embed = model.get_input_embeddings().weight  # (V, H)
     head = model.get_output_embeddings()
     assert isinstance(embed, torch.Tensor)
-    if head is None or embed is not head.weight:
-        total -= (embed.shape[0] - 1) * embed.shape[1] * embed.element_size()
-    return total
+    row = 0
+    if head is None or embed is not head.weight or isinstance(head, Int8Linear):
+        full.pop(id(embed), None)
+        row = embed.shape[1] * embed.element_size()  # the one row a step looks up
+    quantized = sum(m.qweight.nbytes + m.scales.nbytes for m in int8)
+    return sum(p.numel() * p.element_size() for p in full.values()) + row + quantized
 
 
 def bandwidth_limit(lm: LoadedModel) -> float | None:

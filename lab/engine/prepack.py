@@ -53,7 +53,7 @@ def prepack(model: nn.Module) -> int:
         raise ValueError("prepacked linears need a float32 model on the CPU and oneDNN (mkldnn)")
     if is_prepacked(model):
         raise ValueError("the model's linears are prepacked already")
-    targets = _children(model, nn.Linear)
+    targets = plain_children(model, nn.Linear)
     for parent, name, child in targets:
         setattr(parent, name, PrepackedLinear(child))
     return len(targets)
@@ -61,7 +61,7 @@ def prepack(model: nn.Module) -> int:
 
 def unpack(model: nn.Module) -> int:
     """Undo prepack in place (the weights were shared, never copied); the number restored."""
-    targets = _children(model, PrepackedLinear)
+    targets = plain_children(model, PrepackedLinear)
     for parent, name, child in targets:
         linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
                            device="meta")  # fmt: skip
@@ -78,7 +78,7 @@ def is_prepacked(model: nn.Module) -> bool:
 _M = TypeVar("_M", bound=nn.Module)
 
 
-def _children(model: nn.Module, kind: type[_M]) -> list[tuple[nn.Module, str, _M]]:
+def plain_children(model: nn.Module, kind: type[_M]) -> list[tuple[nn.Module, str, _M]]:
     """(parent, attribute, child) for every submodule of exactly type kind (not subclasses)."""
     return [(parent, name, child) for parent in model.modules()
             for name, child in parent.named_children()

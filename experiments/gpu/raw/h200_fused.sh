@@ -8,6 +8,8 @@
 #   unfused15  lab bench-engine, 1.5B, compiled, --no-fuse; then its step profiled
 #   spec7      lab bench controlled, 7B target + 0.5B draft
 #   engine7    lab bench-engine, 7B + 0.5B draft, compiled, fused
+#   attn15     one compiled 1.5B step profiled per attention kernel (sdpa, sdpa-no-cudnn, eager)
+#   engine15a  lab bench-engine, 1.5B alone, compiled, fused, with --attention $ATTN (default eager)
 #   cudatests  the CUDA-marked tests of the fused and compiled engines (fp32, tiny models)
 # Every engine is built with 504 cache positions (--prefill-tokens 504 in bench-engine; the six
 # prompts' longest, 371 byte tokens, + 128 new + K + 1 in bench), so inductor's on-disk cache
@@ -55,6 +57,11 @@ for p in "$@"; do
       phase prof15u python3 experiments/gpu/raw/profile_step.py $T 504 "$W/profile-$T-unfused.json" --no-fuse ;;
     spec7) phase spec7 "${BENCH[@]}" --target $S --draft $D --tag h200-$S-controlled ;;
     engine7) phase engine7 "${ENGINE[@]}" --target $S --draft $D --out "$W/engine" ;;
+    attn15)
+      for a in sdpa sdpa-no-cudnn eager; do
+        phase "prof15-$a" python3 experiments/gpu/raw/profile_step.py $T 504 "$W/profile-$T-attn-$a.json" --attn $a
+      done ;;
+    engine15a) phase "engine15-${ATTN:-eager}" "${ENGINE[@]}" --target $T --attention "${ATTN:-eager}" --out "$W/engine-attn-${ATTN:-eager}" ;;
     cudatests) phase cudatests python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_fuse.py tests/test_engine.py ;;
     *) echo "unknown phase $p"; exit 2 ;;
   esac

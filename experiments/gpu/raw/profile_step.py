@@ -1,12 +1,13 @@
 """GPU: where one compiled decode step's time goes (lab's StaticEngine, CUDA graph replay).
 
-usage: python profile_step.py MODEL MAX_LEN OUT.json [--no-fuse] [--autotune]
+usage: python profile_step.py MODEL MAX_LEN OUT.json [--no-fuse] [--autotune] [--attn NAME]
 
 Builds the compiled engine with step size 1 (MAX_LEN as lab bench-engine's, so inductor's cache
 from an earlier run in the same machine is reused), then times 200 replays of a one-token step
 (wall) and profiles 50 of them (CUPTI: kernel device time, grouped by kind of kernel).
 --autotune: inductor's max-autotune GEMM search (Triton against cuBLAS per shape) and coordinate
 descent tuning of its own kernels, set before the step compiles (gpt-fast's settings).
+--attn NAME: the attention kernel, one of lab.bench.engine.ATTENTIONS (default sdpa).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections import defaultdict
 
 import torch
 
+from lab.bench.engine import set_attention
 from lab.bench.roofline import weight_bytes_per_token
 from lab.engine.caches import StaticEngine
 from lab.engine.fuse import is_fused
@@ -41,12 +43,14 @@ def main() -> None:
     name, max_len, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     fuse = "--no-fuse" not in sys.argv
     autotune = "--autotune" in sys.argv
+    attn = sys.argv[sys.argv.index("--attn") + 1] if "--attn" in sys.argv else "sdpa"
     if autotune:
         from torch._inductor import config as inductor
 
         inductor.max_autotune = True
         inductor.coordinate_descent_tuning = True
     lm = random_models.load(name, "cuda", "bfloat16")
+    set_attention(lm, attn)
     engine = StaticEngine(lm, max_len, compile=True, sizes=(1,), fuse=fuse)
     prompt = list(range(1000, 1128))  # 128 tokens: lab bench-engine's cache length
     engine.warmup(prompt)
@@ -85,6 +89,7 @@ def main() -> None:
     top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:25]
     result = {
         "model": name, "fused": is_fused(lm.model), "max_len": max_len, "autotune": autotune,
+        "attention": attn,
         "device": torch.cuda.get_device_name(), "torch": torch.__version__,
         "step_wall_ms": wall_ms, "step_gpu_ms": gpu_ms,
         "kernels_per_step": sum(c for _, c in kernels.values()),

@@ -1,0 +1,126 @@
+"""int8 weight-only linears (lab.engine.quantize): scales by hand, the kernel against the
+dequantized weight, bytes per token, and greedy speculation equal to the int8 baseline."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lab import cli, models
+from lab.bench import engine as bench_engine
+from lab.bench.roofline import weight_bytes_per_token
+from lab.drafting import heads
+from lab.drafting.draft_model import DraftModel
+from lab.engine import loop, prepack, quantize
+from lab.engine.controllers import FixedK
+from lab.engine.loop import Speculation
+from lab.engine.model import LoadedModel
+from lab.engine.policies import get_policy
+from lab.models import random as random_models
+
+N = 40
+
+
+@pytest.fixture
+def int8() -> LoadedModel:
+    """A fresh tiny model (the session's shared ones must stay float), quantized."""
+    lm = models.load("tiny-random-qwen2", device="cpu", dtype="float32")
+    quantize.quantize(lm.model)
+    return lm
+
+
+def test_quantize_weight_by_hand():
+    weight = torch.tensor([[1.0, -2.0, 0.5], [0.0, 0.25, -0.25]])
+    q, scales = quantize.quantize_weight(weight)
+    # Row 0: scale 2/127; 1 -> 63.5 rounds to the even 64, 0.5 -> 31.75 -> 32.
+    # Row 1: scale 0.25/127; +-0.25 -> +-127.
+    assert q.dtype == torch.int8
+    assert q.tolist() == [[64, -127, 32], [0, 127, -127]]
+    torch.testing.assert_close(scales, torch.tensor([2.0 / 127, 0.25 / 127]))
+
+
+def test_a_zero_row_gets_a_finite_scale():
+    q, scales = quantize.quantize_weight(torch.zeros(2, 4))
+    assert q.abs().sum() == 0 and torch.isfinite(scales).all()
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16])
+def test_short_steps_multiply_the_dequantized_weight(rows):
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48)
+    int8 = quantize.Int8Linear(linear)
+    x = torch.randn(1, rows, 64)
+    q, scales = quantize.quantize_weight(linear.weight)
+    # What the kernel should compute: bf16 activations times the dequantized weight, plus bias.
+    expected = x.bfloat16().float() @ (q.float() * scales[:, None]).T + linear.bias
+    out = int8(x)
+    assert out.shape == (1, rows, 48) and out.dtype == torch.float32
+    torch.testing.assert_close(out, expected.detach(), rtol=2e-2, atol=2e-2)
+    # And it is not the float weight's answer: the int8 path really ran.
+    assert not torch.equal(out, linear(x))
+
+
+def test_long_steps_keep_the_float_weight():
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48)
+    x = torch.randn(1, quantize.MAX_ROWS + 1, 64)
+    assert torch.equal(quantize.Int8Linear(linear)(x), linear(x))
+
+
+def test_every_linear_is_replaced(int8, qwen2):
+    linears = [m for m in qwen2.model.modules() if type(m) is nn.Linear]
+    assert sum(isinstance(m, quantize.Int8Linear) for m in int8.model.modules()) == len(linears)
+    assert heads.vocab_size(int8.model) == heads.vocab_size(qwen2.model)  # an nn.Linear still
+    with pytest.raises(ValueError, match="int8 already"):
+        quantize.quantize(int8.model)
+
+
+def test_bytes_per_token_count_the_int8_copy(int8, qwen2):
+    # Every linear reads 1 byte per weight + 2 per output channel (bf16 scales) instead of 4.
+    linears = [m for m in qwen2.model.modules() if type(m) is nn.Linear]
+    saved = sum(m.weight.numel() * 4 - m.weight.numel() - m.out_features * 2 for m in linears)
+    embed = qwen2.model.get_input_embeddings().weight
+    tied = embed is qwen2.model.get_output_embeddings().weight
+    # A tied matrix was read whole as the float LM head; quantized, the lookup reads one row.
+    row = embed.shape[1] * 4 if tied else 0
+    assert weight_bytes_per_token(int8.model) == weight_bytes_per_token(qwen2.model) - saved + row
+
+
+def test_greedy_int8_speculation_equals_the_int8_baseline(int8, qwen2_draft, prompt_ids):
+    expected = loop.generate(int8, prompt_ids, N).token_ids
+    for k in (1, 4, 8):  # verification steps of 2, 5 and 9 rows: the int8 kernel's many rows
+        spec = Speculation(DraftModel(qwen2_draft), get_policy("exact"), FixedK(k))
+        assert loop.generate(int8, prompt_ids, N, speculation=spec).token_ids == expected
+
+
+def test_refuses_models_it_does_not_apply_to():
+    lm = models.load("tiny-random-qwen2", device="cpu", dtype="float16")
+    with pytest.raises(ValueError, match="float32 or bfloat16 model on the CPU"):
+        quantize.quantize(lm.model)
+    assert not quantize.applies(torch.device("cuda"), torch.float32)
+    packed = models.load("tiny-random-qwen2", device="cpu", dtype="float32")
+    prepack.prepack(packed.model)
+    with pytest.raises(ValueError, match="prepacked"):
+        quantize.quantize(packed.model)
+
+
+def test_bench_engine_does_not_prepack_int8_models(int8):
+    assert bench_engine._prepack_variants(int8, None) == [False]
+    with pytest.raises(ValueError, match="not both"):
+        bench_engine.Settings(quantize=True, prepack=True)
+    assert bench_engine.file_name({"model": "m", "dtype": "float32", "engine": "static",
+                                   "int8": True}) == "m-float32-static-int8.json"  # fmt: skip
+
+
+@pytest.mark.parametrize("command", ["serve", "bench-engine"])
+def test_cli_refuses_int8_off_the_cpu_before_loading(capsys, monkeypatch, command):
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    for module in (models, random_models):
+        monkeypatch.setattr(module, "load", refuse)
+    monkeypatch.setattr(models, "available_devices", lambda: ["cpu", "cuda"])
+    target = "tiny-random-qwen2" if command == "serve" else "random-qwen2.5-0.5b"
+    assert cli.main([command, "--target", target, "--device", "cuda", "--int8"]) == 2
+    assert "--int8 needs --device cpu" in capsys.readouterr().err
