@@ -94,7 +94,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--per-category", type=int, default=1, help="prompts per round")
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--engines", nargs="+", default=["dynamic", "compiled"])
+    parser.add_argument(
+        "--engines",
+        nargs="+",
+        default=["dynamic", "compiled"],
+        help="lab serve engines; a -int8 suffix adds --int8 (e.g. dynamic-int8)",
+    )
     parser.add_argument("--max-context", type=int, default=2048, help="lab serve's static cache")
     parser.add_argument("--out", type=Path, default=Path("experiments/serve"))
     args = parser.parse_args()
@@ -104,14 +109,16 @@ def main() -> None:
     urls = {"llama.cpp": llama_url}
     with ExitStack() as stack:
         stack.callback(server.stop, llama)
-        for engine in args.engines:
-            lab_args = ["--target", MODEL, "--device", "cpu", "--dtype", "float32",
+        for variant in args.engines:
+            engine = variant.removesuffix("-int8")
+            int8 = ["--int8"] if variant.endswith("-int8") else []
+            lab_args = [*int8, "--target", MODEL, "--device", "cpu", "--dtype", "float32",
                         "--threads", str(args.threads), "--engine", engine,
                         "--max-new-tokens", str(args.max_tokens), "--max-context", str(args.max_context)]  # fmt: skip
             started = time.perf_counter()
             served = stack.enter_context(server.launched(lab_args, startup_timeout_s=1800))
-            print(f"lab serve --engine {engine}: up in {time.perf_counter() - started:.0f} s")
-            urls[f"lab-{engine}"] = served.url
+            print(f"lab serve {variant}: up in {time.perf_counter() - started:.0f} s")
+            urls[f"lab-{variant}"] = served.url
         wait_up(llama_url)
         os.sched_setaffinity(0, set(args.client_cpus))
         tokenizer = models.load_tokenizer(MODEL)
