@@ -274,9 +274,10 @@ def _add_http_commands(sub: Any) -> None:
         help="static/compiled: positions a request may fill (prompt + max_tokens)",
     )  # fmt: skip
     s.add_argument(
-        "--int8", action="store_true",
-        help="int8 weight-only linears for target and draft (CPU; steps of up to 16 tokens read "
-        "a quarter of the fp32 weight bytes; outputs change: lab.engine.quantize)",
+        "--int8", choices=["draft", "all"], default=None,
+        help="int8 weight-only linears (CPU; steps of up to 16 tokens read a quarter of the fp32 "
+        "weight bytes; lab.engine.quantize): the draft model only (outputs unchanged), or all "
+        "models (the target's outputs change)",
     )  # fmt: skip
     s.add_argument("--served-model-name", default=None, help="model id (default: the target)")
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads (omit: torch's)")
@@ -606,23 +607,28 @@ def _cmd_serve(args: argparse.Namespace) -> None:
                          f"--max-new-tokens {args.max_new_tokens}")  # fmt: skip
     if args.threads:
         torch.set_num_threads(args.threads)
-    _check_int8(args.int8, models.resolve_device(args.device))
+    _check_int8(args.int8 is not None, models.resolve_device(args.device))
+    if args.int8 == "draft" and not args.draft:
+        raise ValueError("--int8 draft quantizes the draft model: give --draft (or --int8 all)")
     target, draft = _load_pair(args)
     if args.int8:
         from lab.engine import quantize
 
-        for lm in filter(None, (target, draft)):
-            quantize.quantize(lm.model)
+        for lm in (target, draft) if args.int8 == "all" else (draft,):
+            if lm is not None:
+                quantize.quantize(lm.model)
     method = (
         Method("draft_model", args.policy, args.k, args.controller, options) if draft else Method()
     )
     if args.engine == "dynamic":
-        worker = server.Worker(target, draft, method, args.max_queue)
+        worker = server.Worker(target, draft, method, args.max_queue, own_thread=False)
     else:
         engine, on_engine = server.engines(target, draft, method, args.engine, args.max_context)
-        worker = server.Worker(target, on_engine, method, args.max_queue, engine, args.max_context)
+        worker = server.Worker(target, on_engine, method, args.max_queue, engine, args.max_context,
+                               own_thread=False)  # fmt: skip
     config = server.APIConfig(args.served_model_name or target.name, args.max_new_tokens)
-    server.serve(server.create_app(worker, config), args.host, args.port, args.ready_file)
+    app = server.create_app(worker, config)
+    server.serve(app, worker, args.host, args.port, args.ready_file)
 
 
 def _cmd_loadtest(args: argparse.Namespace) -> None:

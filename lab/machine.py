@@ -33,6 +33,12 @@ def cpu_name() -> str:
 
 
 @cache
+def cpu_vendor() -> str | None:
+    """The CPU's vendor_id (GenuineIntel, AuthenticAMD, ...; Linux), else None."""
+    return _cpuinfo_field("vendor_id")
+
+
+@cache
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags (Linux /proc/cpuinfo); empty where unknown."""
     return frozenset((_cpuinfo_field("flags") or "").split())
@@ -46,4 +52,5 @@ def fast_bf16_flag(flags: frozenset[str] | None = None) -> str | None:
 
 def describe() -> dict[str, str | int | None]:
     """What a result should record of the CPU it ran on."""
-    return {"cpu": cpu_name(), "cores": os.cpu_count(), "fast_bf16": fast_bf16_flag()}
+    return {"cpu": cpu_name(), "vendor": cpu_vendor(), "cores": os.cpu_count(),
+            "fast_bf16": fast_bf16_flag()}  # fmt: skip

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from lab import cli, models
-from lab.engine import loop
+from lab.engine import loop, quantize
 from lab.engine.records import STEP_COLUMNS
 from lab.models import packaged
 from lab.pipeline import loadtest
@@ -438,6 +438,19 @@ def test_load_benchmark_against_llama_cpp() -> None:
     assert metrics["completed"] == 4 and metrics["errors"] == 0
     assert metrics["tokens_counted_locally"] == 4  # llama.cpp streams carry no usage
     assert metrics["ttft_ms_median"] is not None and metrics["output_throughput"] > 0
+
+
+def test_int8_server_decodes_the_int8_loop_and_exits_on_sigterm() -> None:
+    # `lab serve` generates on its main thread, HTTP on another: the signal must still stop both.
+    lm = models.load("tiny-random-qwen2", device="cpu", dtype="float32")
+    quantize.quantize(lm.model)
+    prompt = "def fibonacci(n):"
+    with server.launched([*SERVE_ARGS, "--int8", "all"]) as served:
+        streamed = complete(served.url, Request(prompt, chat=False, max_tokens=24))
+        local = loop.generate(lm, lm.tokenizer(prompt)["input_ids"], 24)
+        assert streamed.text == local.text and streamed.completion_tokens == local.new_tokens
+        served.process.send_signal(signal.SIGTERM)
+        assert served.process.wait(timeout=15) == 0
 
 
 # --- lab serve on the static and compiled engines -------------------------------------------------

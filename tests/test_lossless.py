@@ -236,20 +236,20 @@ def test_check_verdicts_names_configuration_prompt_token_and_numbers() -> None:
 
 
 def test_stage_raises_on_a_violation(qwen2: LoadedModel) -> None:
-    # fp32 as the qwen2 fixture, whatever the CPU default: _lossless loads the target itself.
+    # The target as the method ran it (here the fp32 qwen2 fixture) scores the forks.
     overrides = {"models": {"dtype": "float32"}}
     raw = smoke_params(yaml.safe_load((ROOT / "params.yaml").read_text()), overrides)
     params = P.Params.model_validate(raw)
     base = _baseline(qwen2)
     item = store.Item(Path("baseline/target"), {}, base, pd.DataFrame(), {})
     method = Method("prompt_lookup", "exact", 4)
-    check = stage._lossless(params, method, base, item, "ksweep/k4")
+    check = stage._lossless(params, method, base, item, "ksweep/k4", qwen2)
     assert check is not None and (check["verdict"] == "identical").all()
     broken = base.copy()
     broken.at[broken.index[2], "token_ids"] = base.iloc[2]["token_ids"][:5]
     qid = base.iloc[2]["question_id"]
     with pytest.raises(LosslessViolation, match=f"^ksweep/k4: .* prompt {qid} first differs at "):
-        stage._lossless(params, method, broken, item, "ksweep/k4")
+        stage._lossless(params, method, broken, item, "ksweep/k4", qwen2)
 
 
 # --- files and the report ------------------------------------------------------------------------

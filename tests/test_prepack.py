@@ -118,3 +118,25 @@ def test_stage_refuses_prepack_where_it_does_not_apply():
     params = _params("bfloat16", True)
     with pytest.raises(ValueError, match="models.prepack: true needs a CPU float32 run"):
         stage.prepacked(params)
+
+
+def test_min_rows_follow_the_cpu_vendor():
+    # MKL's small-M path is Intel's: elsewhere (an AMD EPYC) oneDNN is faster from one row.
+    assert prepack.min_rows("GenuineIntel") == prepack.MIN_ROWS == 4
+    assert prepack.min_rows("AuthenticAMD") == 1
+    assert prepack.min_rows(None) == prepack.MIN_ROWS
+
+
+def test_packed_from_one_row_decodes_the_same_tokens(qwen2, qwen2_draft, prompt_ids):
+    lm = models.load("tiny-random-qwen2", device="cpu", dtype="float32")
+    prepack.prepack(lm.model, min_rows=1)
+    with torch.profiler.profile() as prof:
+        fast = _logits(lm, prompt_ids, 1)
+    onednn = [e for e in prof.events() if e.name == "mkldnn::_linear_pointwise"]
+    linears = sum(isinstance(m, prepack.PrepackedLinear) for m in lm.model.modules())
+    assert len(onednn) == 2 * linears  # prefill and the one-row step, LM head included
+    torch.testing.assert_close(fast, _logits(qwen2, prompt_ids, 1), rtol=1e-4, atol=1e-4)
+    expected = loop.generate(qwen2, prompt_ids, N).token_ids
+    assert loop.generate(lm, prompt_ids, N).token_ids == expected
+    spec = Speculation(DraftModel(qwen2_draft), get_policy("exact"), FixedK(4))
+    assert loop.generate(lm, prompt_ids, N, speculation=spec).token_ids == expected

@@ -3,8 +3,12 @@ dequantized weight, bytes per token, and greedy speculation equal to the int8 ba
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pandas as pd
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from lab import cli, models
@@ -17,9 +21,14 @@ from lab.engine.controllers import FixedK
 from lab.engine.loop import Speculation
 from lab.engine.model import LoadedModel
 from lab.engine.policies import get_policy
+from lab.method import Method
 from lab.models import random as random_models
+from lab.pipeline import params as P
+from lab.pipeline import stage
+from lab.report.sections_engine import with_linears
 
 N = 40
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -122,5 +131,55 @@ def test_cli_refuses_int8_off_the_cpu_before_loading(capsys, monkeypatch, comman
         monkeypatch.setattr(module, "load", refuse)
     monkeypatch.setattr(models, "available_devices", lambda: ["cpu", "cuda"])
     target = "tiny-random-qwen2" if command == "serve" else "random-qwen2.5-0.5b"
-    assert cli.main([command, "--target", target, "--device", "cuda", "--int8"]) == 2
+    int8 = ["--int8", "all"] if command == "serve" else ["--int8"]
+    assert cli.main([command, "--target", target, "--device", "cuda", *int8]) == 2
     assert "--int8 needs --device cpu" in capsys.readouterr().err
+    if command == "serve":  # a draft to quantize must be there
+        assert cli.main([command, "--target", target, "--device", "cpu", "--int8", "draft"]) == 2
+        assert "--int8 draft quantizes the draft model: give --draft" in capsys.readouterr().err
+
+
+def test_report_names_int8_linears():
+    flags = {"int8": [True, False, False, None], "prepacked": [False, True, False, None],
+             "fused": [False, False, True, None]}  # fmt: skip
+    assert list(with_linears(pd.DataFrame(flags))["linears"]) == [
+        "int8", "prepacked", "fused", "plain"
+    ]  # fmt: skip
+
+
+def _params(**models_update: object) -> P.Params:
+    """The default params on the CPU in float32, with models.* overridden."""
+    params = P.load(ROOT / "params.yaml")
+    where = {"device": "cpu", "dtype": "float32", **models_update}
+    return params.model_copy(update={"models": params.models.model_copy(update=where)})
+
+
+def test_stage_runs_int8_in_place_of_prepack_and_records_it():
+    off = _params(int8=None)
+    assert not stage.quantized(off) and "int8" not in stage.run_config(off, Method())
+    everything = _params(int8="all")
+    assert stage.quantized(everything) and not stage.prepacked(everything)
+    run = stage.run_config(everything, Method())
+    assert run["int8"] == "all" and "prepack" not in run
+    # int8: draft quantizes only the draft model: the baseline's config stays as it was.
+    draft = _params(int8="draft")
+    assert stage.run_config(draft, Method()) == stage.run_config(off, Method())
+    speculative = Method("draft_model", "exact", 4)
+    assert stage.run_config(draft, speculative)["int8"] == "draft"
+
+
+@pytest.mark.parametrize(
+    ("update", "message"),
+    [({"int8": "all", "prepack": True}, "models.int8: all replaces prepacked linears"),
+     ({"int8": "all", "dtype": "float16"}, "models.int8 needs a CPU float32 or bfloat16")],
+)  # fmt: skip
+def test_stage_refuses_int8_where_it_cannot_run(update, message):
+    with pytest.raises(ValueError, match=message):
+        stage.run_config(_params(**update), Method("draft_model", "exact", 4))
+
+
+def test_params_name_the_allowed_int8_values():
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["models"]["int8"] = "both"
+    with pytest.raises(ValueError, match="draft, all or null"):
+        P.Params.model_validate(raw)

@@ -111,7 +111,7 @@ def main() -> None:
         stack.callback(server.stop, llama)
         for variant in args.engines:
             engine = variant.removesuffix("-int8")
-            int8 = ["--int8"] if variant.endswith("-int8") else []
+            int8 = ["--int8", "all"] if variant.endswith("-int8") else []
             lab_args = [*int8, "--target", MODEL, "--device", "cpu", "--dtype", "float32",
                         "--threads", str(args.threads), "--engine", engine,
                         "--max-new-tokens", str(args.max_tokens), "--max-context", str(args.max_context)]  # fmt: skip

@@ -114,22 +114,30 @@ def _seconds(call: Callable[[], object], device: torch.device) -> float:
 
 @torch.inference_mode()
 def read_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int = 5) -> float:
-    """Bytes/s of a streaming read (a sum over a buffer far larger than the caches), best of
-    `repeats`: the rate a decode step can read its weights at, measured rather than datasheet."""
+    """Bytes/s of a streaming read of a buffer far larger than the caches (a sum on GPU, the
+    fastest matrix-vector product on CPU), best of `repeats`: the rate a decode step can read
+    its weights at, measured rather than datasheet."""
     nbytes = nbytes or (4 * GIB if device.type == "cuda" else GIB)
     buffer = torch.ones(nbytes // 4, dtype=torch.float32, device=device)  # (N,): touches all pages
-    read: Callable[[], object] = buffer.sum
+    reads: list[Callable[[], object]] = [buffer.sum]
     if device.type == "cpu":
-        # A decode step reads its weights through MKL's matrix-vector product, which streams
-        # faster than torch.sum on 2 cores (21 against 17.6 GB/s on a Xeon): the probe must
-        # read the way decoding does, or decode would show above 1.0 of its "limit".
+        # A decode step reads its weights through a matrix-vector product, which streams faster
+        # than torch.sum on 2 cores (MKL 21 against 17.6 GB/s on a Xeon): the probe must read
+        # the way decoding does, or decode would show above 1.0 of its "limit". Which product is
+        # fastest depends on the CPU (MKL's is slow on an AMD EPYC, oneDNN's packed one is what
+        # prepacked linears run there): the best of them.
         matrix = buffer.view(-1, 4096)  # (N / 4096, 4096)
-        vector = torch.ones(4096, dtype=torch.float32)
-        read = partial(torch.mv, matrix, vector)
-    read()  # first call: kernel selection, thread-pool start
-    best = min(_seconds(read, device) for _ in range(repeats))
+        vector = torch.ones(1, 4096, dtype=torch.float32)
+        reads = [partial(torch.mv, matrix, vector[0])]
+        if prepack.applies(device, torch.float32):
+            packed = torch.ops.mkldnn._reorder_linear_weight(matrix, 8)
+            reads.append(partial(prepack.packed_linear, vector, packed, None))
+    best = float("inf")
+    for read in reads:
+        read()  # first call: kernel selection, thread-pool start
+        best = min(best, *(_seconds(read, device) for _ in range(repeats)))
     size = buffer.numel() * buffer.element_size()
-    del buffer, read
+    del buffer, reads
     return size / best
 
 
@@ -291,9 +299,12 @@ def bench_engine(
         role = "target" if lm is target else "draft"
         fused = is_fused(lm.model)  # in place: what this engine's steps ran
         packed = prepack.is_prepacked(lm.model)
+        rows = next((m.min_rows for m in lm.model.modules()
+                     if isinstance(m, prepack.PrepackedLinear)), None)  # fmt: skip
         int8 = quantize.is_quantized(lm.model)
         entries.append(entry | {"role": role, "compile_s": compile_s, "draft": None, "c": None,
-                                "fused": fused, "prepacked": packed, "int8": int8})  # fmt: skip
+                                "fused": fused, "prepacked": packed, "prepack_min_rows": rows,
+                                "int8": int8})  # fmt: skip
     if draft is not None:
         # c: the draft's cost per proposed token over the target's decode step (DESIGN.md).
         entries[0] |= {"draft": draft.name, "c": steps[1] / steps[0]}
@@ -333,7 +344,7 @@ def run(
                     quantize.quantize(model.model)
         for packed in _prepack_variants(lm, settings.prepack):
             for model in [m for m in (lm, small) if m is not None] if packed else []:
-                prepack.prepack(model.model)
+                prepack.prepack(model.model, prepack.min_rows(machine.cpu_vendor()))
             for name in engines:
                 for entry in bench_engine(lm, small, name, bandwidth, settings):
                     out.append(where | entry | {"settings": asdict(settings)})

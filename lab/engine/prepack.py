@@ -9,6 +9,11 @@ MKL matmul) but is slower than MKL for 1-3 rows, so each linear keeps both: the 
 for 1-3 rows (decode unchanged) and the packed copy for verification steps. Whole 1.5B model
 (lab bench-engine, interleaved): a 5-token forward 1.81x -> 1.33x a decode step, 9 tokens
 2.71x -> 1.57x. The copy doubles the weight memory of the model it is applied to.
+
+MKL is Intel's library, and off Intel CPUs its small-M path is slow: on an AMD EPYC (AVX2, 2
+threads, 8960x1536) MKL took 2.9 / 6.0 / 8.9 ms for 1 / 2 / 3 rows where oneDNN's packed weights
+took 2.2 / 2.0 / 2.1, and the 1.5B's baseline decoded about 1.45x faster with every step on
+oneDNN. So min_rows(vendor) is MIN_ROWS on Intel and 1 elsewhere.
 """
 
 from __future__ import annotations
@@ -18,16 +23,23 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-# Below this many rows MKL's matrix-vector path is the faster one (see the module doc).
+# Below this many rows MKL's matrix-vector path is the faster one on Intel (see the module doc).
 MIN_ROWS = 4
+
+
+def min_rows(vendor: str | None) -> int:
+    """Rows from which linears take the packed weights on a CPU of this vendor_id (the caller
+    reads it: lab.machine.cpu_vendor); unknown vendors get Intel's threshold."""
+    return 1 if vendor is not None and vendor != "GenuineIntel" else MIN_ROWS
 
 
 class PrepackedLinear(nn.Linear):
     """An nn.Linear (same weight, same 1-3 row path) that multiplies >= MIN_ROWS rows with
     oneDNN's packed copy; a subclass, so code that looks for the LM head's nn.Linear finds it."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, min_rows: int = MIN_ROWS) -> None:
         nn.Module.__init__(self)  # nn.Linear's own __init__ would allocate a second weight
+        self.min_rows = min_rows
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
         self.register_buffer(
@@ -36,9 +48,14 @@ class PrepackedLinear(nn.Linear):
         )  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() // self.in_features < MIN_ROWS:
+        if x.numel() // self.in_features < self.min_rows:
             return nn.functional.linear(x, self.weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return packed_linear(x, self.packed, self.bias)
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ W^T (+ bias) with oneDNN on W's packed copy (torch.ops.mkldnn._reorder_linear_weight)."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 def applies(device: torch.device, dtype: torch.dtype) -> bool:
@@ -46,8 +63,9 @@ def applies(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
 
 
-def prepack(model: nn.Module) -> int:
-    """Replace every nn.Linear of a CPU fp32 model in place; the number replaced."""
+def prepack(model: nn.Module, min_rows: int = MIN_ROWS) -> int:
+    """Replace every nn.Linear of a CPU fp32 model in place, packed from min_rows rows on; the
+    number replaced."""
     weight = next(model.parameters())
     if not applies(weight.device, weight.dtype):
         raise ValueError("prepacked linears need a float32 model on the CPU and oneDNN (mkldnn)")
@@ -55,7 +73,7 @@ def prepack(model: nn.Module) -> int:
         raise ValueError("the model's linears are prepacked already")
     targets = plain_children(model, nn.Linear)
     for parent, name, child in targets:
-        setattr(parent, name, PrepackedLinear(child))
+        setattr(parent, name, PrepackedLinear(child, min_rows))
     return len(targets)
 
 

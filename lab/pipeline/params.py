@@ -149,6 +149,11 @@ class Models(Section):
     # prepacked weights (lab.engine.prepack: verification nearer decode cost, twice the weight
     # memory). null: on wherever it applies; false: MKL's matmul everywhere, as transformers does.
     prepack: bool | None = None
+    # CPU only: int8 weight-only linears (lab.engine.quantize: steps of up to 16 tokens read a
+    # quarter of fp32's weight bytes), in place of prepacked ones. draft: the draft model only
+    # (what it proposes changes, what the target accepts does not: still lossless); all: the
+    # target too (its outputs change; every item, the baseline included, runs it). null: off.
+    int8: Annotated[Literal["draft", "all"], _allowed("draft, all or null")] | None = None
 
     def placement(self) -> Placement:
         return {"device": self.device, "dtype": self.dtype}

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import queue
+import signal
 import socket
 import subprocess
 import sys
@@ -95,10 +96,14 @@ def engines(
 
 
 class Worker:
-    """Runs jobs one at a time (batch size 1) on its own thread; at most max_queue wait.
+    """Runs jobs one at a time (batch size 1); at most max_queue wait.
 
     engine: the target on the engine that generates (engines()); None: the dynamic reference.
     context: the most positions (prompt + max_tokens) a request may fill; None: the model's.
+    own_thread: start() runs the jobs on a thread of its own (in-process servers, tests);
+    False: the caller runs them with run(), on the main thread, as `serve` does. torch's CPU
+    kernels that split work with OpenMP (the int8 linears' among them) ran 1.1-2x slower per
+    decode step from a second Python thread than from the main one (2 cores, AMD EPYC).
     """
 
     def __init__(
@@ -109,6 +114,7 @@ class Worker:
         max_queue: int,
         engine: Engine | None = None,
         context: int | None = None,
+        own_thread: bool = True,
     ) -> None:
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
@@ -120,7 +126,8 @@ class Worker:
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._admitted = 0  # running + waiting
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._work, name="lab-worker", daemon=True)
+        thread = threading.Thread(target=self.run, name="lab-worker", daemon=True)
+        self._thread = thread if own_thread else None
 
     @property
     def admitted(self) -> int:
@@ -133,12 +140,15 @@ class Worker:
         return "compiled" if self.engine.compiled else "static"
 
     def start(self) -> None:
-        self._thread.start()
+        """Start the worker's own thread (nothing to do when the caller runs run())."""
+        if self._thread is not None:
+            self._thread.start()
 
     def stop(self) -> None:
-        """Let the thread finish its job and exit."""
+        """Let run() finish its job and return; wait for the worker's own thread."""
         self._jobs.put(None)
-        self._thread.join(timeout=30)
+        if self._thread is not None and self._thread.is_alive():
+            self._thread.join(timeout=30)
 
     def submit(self, job: Job) -> None:
         """Queue a job, or raise QueueFull when the running one and max_queue waiting exist."""
@@ -148,7 +158,8 @@ class Worker:
             self._admitted += 1
         self._jobs.put(job)
 
-    def _work(self) -> None:
+    def run(self) -> None:
+        """Run jobs as they come until stop()."""
         while (job := self._jobs.get()) is not None:
             event = self._run(job)
             with self._lock:  # free the slot before answering, so a follow-up request fits
@@ -539,8 +550,13 @@ def url_of(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def serve(app: FastAPI, host: str, port: int, ready_file: Path | None = None) -> None:
-    """Serve until SIGINT/SIGTERM; writes the URL to ready_file once it accepts connections."""
+def serve(
+    app: FastAPI, worker: Worker, host: str, port: int, ready_file: Path | None = None
+) -> None:
+    """Serve until SIGINT/SIGTERM; writes the URL to ready_file once it accepts connections.
+
+    HTTP runs on a thread, the worker (built with own_thread=False) on this, the main thread.
+    """
     sock = bind(host, port)
     url = url_of(sock)
     print(f"lab serve: listening on {url}", file=sys.stderr, flush=True)
@@ -550,7 +566,25 @@ def serve(app: FastAPI, host: str, port: int, ready_file: Path | None = None) ->
         os.replace(tmp, ready_file)  # whole or absent: a reader never sees half a URL
     config = uvicorn.Config(app, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=5)  # fmt: skip
-    uvicorn.Server(config).run(sockets=[sock])
+    http = uvicorn.Server(config)
+
+    def run_http() -> None:
+        try:
+            http.run(sockets=[sock])
+        finally:  # however HTTP ends, the worker's loop ends with it
+            worker.stop()
+
+    def on_signal(signum: int, frame: object) -> None:
+        # uvicorn listens for signals only on the main thread: pass them on. Its shutdown
+        # cancels open streams, which stops a running generation at its next token.
+        http.should_exit = True
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    thread = threading.Thread(target=run_http, name="lab-http")
+    thread.start()
+    worker.run()
+    thread.join()
 
 
 @dataclass
