@@ -34,8 +34,10 @@ def min_rows(vendor: str | None) -> int:
 
 
 class PrepackedLinear(nn.Linear):
-    """An nn.Linear (same weight, same 1-3 row path) that multiplies >= MIN_ROWS rows with
-    oneDNN's packed copy; a subclass, so code that looks for the LM head's nn.Linear finds it."""
+    """An nn.Linear (same weight, MKL's path below min_rows rows) that multiplies >= min_rows rows
+    with oneDNN's packed copy; a subclass, so code that looks for the LM head's nn.Linear finds it."""
+
+    packed: torch.Tensor  # the weight in oneDNN's blocked layout
 
     def __init__(self, linear: nn.Linear, min_rows: int = MIN_ROWS) -> None:
         nn.Module.__init__(self)  # nn.Linear's own __init__ would allocate a second weight
