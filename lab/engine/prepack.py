@@ -34,8 +34,9 @@ def min_rows(vendor: str | None) -> int:
 
 
 class PrepackedLinear(nn.Linear):
-    """An nn.Linear (same weight, MKL's path below min_rows rows) that multiplies >= min_rows rows
-    with oneDNN's packed copy; a subclass, so code that looks for the LM head's nn.Linear finds it."""
+    """An nn.Linear (same weight, MKL's path below min_rows rows) that multiplies min_rows or
+    more rows with oneDNN's packed copy; a subclass, so code that looks for the LM head's
+    nn.Linear finds it."""
 
     packed: torch.Tensor  # the weight in oneDNN's blocked layout
 
