@@ -13,6 +13,7 @@ import torch
 
 from lab import cli, machine, models
 from lab.bench import engine as bench
+from lab.engine import prepack
 from lab.engine.caches import DynamicEngine
 from lab.report.load import ReportError, load_results
 from lab.report.sections_engine import engine_section
@@ -129,13 +130,16 @@ def test_run_writes_one_file_per_model_dtype_engine(tmp_path: Path) -> None:
     found = bench.run(_load, "tiny-random-qwen2", None, ["float32"], ["dynamic"], CPU, SMALL)
     written = bench.write(found, tmp_path)
     slug = bench.machine_slug(machine.cpu_name())
-    # CPU float32: measured without, then with prepacked linears (lab.engine.prepack).
+    # CPU float32: measured without, then with prepacked linears (lab.engine.prepack), whose
+    # packed copy is lab's kernel's off Intel (prepack.use_kernel).
+    kernel = prepack.use_kernel(machine.cpu_vendor())
     names = [
         "tiny-random-qwen2-float32-dynamic.json",
-        "tiny-random-qwen2-float32-dynamic-prepacked.json",
+        f"tiny-random-qwen2-float32-dynamic-{'kernel' if kernel else 'prepacked'}.json",
     ]
     assert written == [tmp_path / slug / name for name in names]
     assert [json.loads(p.read_text())["prepacked"] for p in written] == [False, True]
+    assert [json.loads(p.read_text())["prepack_kernel"] for p in written] == [False, kernel]
     data = json.loads(written[0].read_text())
     assert data["device"] == machine.cpu_name() and data["machine"] == slug
     assert data["read_bandwidth_bytes_per_s"] > 0 and isinstance(data["cpu_flags"], list)

@@ -23,7 +23,7 @@ import torch
 from lab import machine
 from lab.bench.results import environment
 from lab.bench.roofline import weight_bytes_per_token
-from lab.engine import caches, prepack, quantize
+from lab.engine import caches, prepack, quantize, smallm
 from lab.engine.caches import ENGINES, Engine, StaticEngine
 from lab.engine.fuse import is_fused
 from lab.engine.model import LoadedModel
@@ -130,8 +130,11 @@ def read_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int
         vector = torch.ones(1, 4096, dtype=torch.float32)
         reads = [partial(torch.mv, matrix, vector[0])]
         if prepack.applies(device, torch.float32):
-            packed = torch.ops.mkldnn._reorder_linear_weight(matrix, 8)
+            packed = prepack.reorder(matrix)
             reads.append(partial(prepack.packed_linear, vector, packed, None))
+        if prepack.use_kernel(machine.cpu_vendor()):  # lab's own kernel, where linears run it
+            blocks = smallm.pack(matrix)
+            reads.append(partial(smallm.linear, vector, blocks))
     best = float("inf")
     for read in reads:
         read()  # first call: kernel selection, thread-pool start
@@ -301,10 +304,11 @@ def bench_engine(
         packed = prepack.is_prepacked(lm.model)
         rows = next((m.min_rows for m in lm.model.modules()
                      if isinstance(m, prepack.PrepackedLinear)), None)  # fmt: skip
+        kernel = prepack.runs_kernel(lm.model)
         int8 = quantize.is_quantized(lm.model)
         entries.append(entry | {"role": role, "compile_s": compile_s, "draft": None, "c": None,
                                 "fused": fused, "prepacked": packed, "prepack_min_rows": rows,
-                                "int8": int8})  # fmt: skip
+                                "prepack_kernel": kernel, "int8": int8})  # fmt: skip
     if draft is not None:
         # c: the draft's cost per proposed token over the target's decode step (DESIGN.md).
         entries[0] |= {"draft": draft.name, "c": steps[1] / steps[0]}
@@ -344,7 +348,8 @@ def run(
                     quantize.quantize(model.model)
         for packed in _prepack_variants(lm, settings.prepack):
             for model in [m for m in (lm, small) if m is not None] if packed else []:
-                prepack.prepack(model.model, prepack.min_rows(machine.cpu_vendor()))
+                vendor = machine.cpu_vendor()
+                prepack.prepack(model.model, prepack.min_rows(vendor), prepack.use_kernel(vendor))
             for name in engines:
                 for entry in bench_engine(lm, small, name, bandwidth, settings):
                     out.append(where | entry | {"settings": asdict(settings)})
@@ -377,7 +382,11 @@ def _free(device: torch.device) -> None:
 def file_name(entry: dict[str, Any]) -> str:
     """<model>-<dtype>-<engine>.json, the model's '/' made safe."""
     model = re.sub(r"[^A-Za-z0-9._-]+", "_", entry["model"])
-    packed = "-prepacked" if entry.get("prepacked") else ""
+    packed = (
+        ("-kernel" if entry.get("prepack_kernel") else "-prepacked")
+        if entry.get("prepacked")
+        else ""
+    )
     int8 = "-int8" if entry.get("int8") else ""
     return f"{model}-{entry['dtype']}-{entry['engine']}{packed}{int8}.json"
 

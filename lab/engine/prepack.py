@@ -13,7 +13,10 @@ for 1-3 rows (decode unchanged) and the packed copy for verification steps. Whol
 MKL is Intel's library, and off Intel CPUs its small-M path is slow: on an AMD EPYC (AVX2, 2
 threads, 8960x1536) MKL took 2.9 / 6.0 / 8.9 ms for 1 / 2 / 3 rows where oneDNN's packed weights
 took 2.2 / 2.0 / 2.1, and the 1.5B's baseline decoded about 1.45x faster with every step on
-oneDNN. So min_rows(vendor) is MIN_ROWS on Intel and 1 elsewhere.
+oneDNN. So min_rows(vendor) is MIN_ROWS on Intel and 1 elsewhere. There oneDNN itself still cost
+1.3-1.4x a decode step for 5 rows, and lab's own kernel (lab.engine.smallm) about 1.0x, at a
+faster decode step too: off Intel, with AVX2 and FMA, the packed copy is the kernel's
+(use_kernel(vendor)) for 1..smallm.MAX_ROWS rows, and longer steps take MKL on the plain weight.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from typing import TypeVar
 
 import torch
 from torch import nn
+
+from lab.engine import smallm
 
 # Below this many rows MKL's matrix-vector path is the faster one on Intel (see the module doc).
 MIN_ROWS = 4
@@ -33,27 +38,43 @@ def min_rows(vendor: str | None) -> int:
     return 1 if vendor is not None and vendor != "GenuineIntel" else MIN_ROWS
 
 
+def use_kernel(vendor: str | None) -> bool:
+    """Whether packed linears run lab's small-M kernel (lab.engine.smallm) rather than oneDNN
+    on a CPU of this vendor_id: off Intel, where the CPU has AVX2 and FMA (module doc)."""
+    return vendor is not None and vendor != "GenuineIntel" and smallm.cpu_supports()
+
+
 class PrepackedLinear(nn.Linear):
     """An nn.Linear (same weight, MKL's path below min_rows rows) that multiplies min_rows or
-    more rows with oneDNN's packed copy; a subclass, so code that looks for the LM head's
-    nn.Linear finds it."""
+    more rows with a packed copy: oneDNN's, or with kernel=True lab's small-M kernel's (up to
+    smallm.MAX_ROWS rows; longer steps take MKL). A subclass, so code that looks for the LM
+    head's nn.Linear finds it."""
 
-    packed: torch.Tensor  # the weight in oneDNN's blocked layout
+    packed: torch.Tensor  # the weight in oneDNN's blocked layout, or in the kernel's
 
-    def __init__(self, linear: nn.Linear, min_rows: int = MIN_ROWS) -> None:
+    def __init__(self, linear: nn.Linear, min_rows: int = MIN_ROWS, kernel: bool = False) -> None:
         nn.Module.__init__(self)  # nn.Linear's own __init__ would allocate a second weight
         self.min_rows = min_rows
+        self.kernel = kernel and smallm.applies(linear)  # other shapes keep oneDNN
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
-        self.register_buffer(
-            "packed", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 8),
-            persistent=False,
-        )  # fmt: skip
+        weight = linear.weight.detach()
+        packed = smallm.pack(weight) if self.kernel else reorder(weight)
+        self.register_buffer("packed", packed, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() // self.in_features < self.min_rows:
+        rows = x.numel() // self.in_features
+        if rows < self.min_rows or (self.kernel and rows > smallm.MAX_ROWS):
             return nn.functional.linear(x, self.weight, self.bias)
+        if self.kernel:
+            y = smallm.linear(x, self.packed)
+            return y if self.bias is None else y + self.bias
         return packed_linear(x, self.packed, self.bias)
+
+
+def reorder(weight: torch.Tensor) -> torch.Tensor:
+    """The weight in oneDNN's blocked layout (for a batch of 8 rows; any count runs on it)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight, 8)
 
 
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -66,9 +87,9 @@ def applies(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
 
 
-def prepack(model: nn.Module, min_rows: int = MIN_ROWS) -> int:
-    """Replace every nn.Linear of a CPU fp32 model in place, packed from min_rows rows on; the
-    number replaced."""
+def prepack(model: nn.Module, min_rows: int = MIN_ROWS, kernel: bool = False) -> int:
+    """Replace every nn.Linear of a CPU fp32 model in place, packed from min_rows rows on (for
+    lab's kernel where kernel is set, see use_kernel); the number replaced."""
     weight = next(model.parameters())
     if not applies(weight.device, weight.dtype):
         raise ValueError("prepacked linears need a float32 model on the CPU and oneDNN (mkldnn)")
@@ -76,7 +97,7 @@ def prepack(model: nn.Module, min_rows: int = MIN_ROWS) -> int:
         raise ValueError("the model's linears are prepacked already")
     targets = plain_children(model, nn.Linear)
     for parent, name, child in targets:
-        setattr(parent, name, PrepackedLinear(child, min_rows))
+        setattr(parent, name, PrepackedLinear(child, min_rows, kernel))
     return len(targets)
 
 
@@ -89,6 +110,11 @@ def unpack(model: nn.Module) -> int:
         linear.weight, linear.bias = child.weight, child.bias
         setattr(parent, name, linear)
     return len(targets)
+
+
+def runs_kernel(model: nn.Module) -> bool:
+    """Whether any linear of the model runs lab's small-M kernel (lab.engine.smallm)."""
+    return any(isinstance(m, PrepackedLinear) and m.kernel for m in model.modules())
 
 
 def is_prepacked(model: nn.Module) -> bool:

@@ -71,15 +71,18 @@ def _speed_up(params: P.Params, lm: LoadedModel, role: str) -> None:
     if quantized(params) and (_all(params) or role == "draft"):
         quantize.quantize(lm.model)
     elif prepacked(params):
-        prepack.prepack(lm.model, prepack.min_rows(machine.cpu_vendor()))
+        vendor = machine.cpu_vendor()
+        prepack.prepack(lm.model, prepack.min_rows(vendor), prepack.use_kernel(vendor))
 
 
 def machine_config(params: P.Params) -> dict[str, Any]:
     """Where the item ran: CPU, device and the dtype chosen (and why), and from how many rows
-    prepacked linears take oneDNN on this CPU; not part of `run`."""
+    prepacked linears take their packed copy, oneDNN's or lab's kernel; not part of `run`."""
     device = models.resolve_device(params.models.device)
     packed = prepacked(params)
-    rows = {"prepack_min_rows": prepack.min_rows(machine.cpu_vendor())} if packed else {}
+    vendor = machine.cpu_vendor()
+    rows = {"prepack_min_rows": prepack.min_rows(vendor),
+            "prepack_kernel": prepack.use_kernel(vendor)} if packed else {}  # fmt: skip
     return {**machine.describe(), "device": str(device),
             "dtype": models.dtype_choice(device, params.models.dtype), **rows}  # fmt: skip
 
