@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 from torch import nn
 
 from lab import models
+from lab.bench import engine as bench_engine
 from lab.drafting.draft_model import DraftModel
 from lab.engine import caches, loop, prepack, smallm
 from lab.engine.controllers import FixedK
 from lab.engine.loop import Speculation
 from lab.engine.policies import get_policy
+from lab.report.sections_engine import with_linears
 
 pytestmark = pytest.mark.skipif(not smallm.cpu_supports(), reason="needs a CPU with AVX2 + FMA")
 
@@ -106,3 +109,13 @@ def test_kernel_model_decodes_the_same_tokens(qwen2, qwen2_draft, prompt_ids):
     for k in (1, 4, 8):
         spec = Speculation(DraftModel(qwen2_draft), get_policy("exact"), FixedK(k))
         assert loop.generate(lm, prompt_ids, N, speculation=spec).token_ids == expected
+
+
+def test_report_and_file_names_say_kernel():
+    flags = {"prepack_kernel": [True, False, None], "prepacked": [True, True, None]}
+    assert list(with_linears(pd.DataFrame(flags))["linears"]) == ["kernel", "prepacked", "plain"]
+    entry = {"model": "m", "dtype": "float32", "engine": "dynamic", "prepacked": True}
+    assert bench_engine.file_name(entry) == "m-float32-dynamic-prepacked.json"
+    assert (
+        bench_engine.file_name(entry | {"prepack_kernel": True}) == "m-float32-dynamic-kernel.json"
+    )

@@ -405,9 +405,10 @@ def write(entries: Sequence[dict[str, Any]], folder: Path) -> list[Path]:
 def summary_line(entry: dict[str, Any]) -> str:
     """One human line per entry, for the CLI."""
     c = f", c {entry['c']:.3f}" if entry.get("c") is not None else ""
+    packed = "kernel " if entry.get("prepack_kernel") else "prepacked "
     return (
         f"{entry['model']:28} {entry['dtype']:9} {entry['engine']:9} "
-        f"{'prepacked ' if entry.get('prepacked') else ''}"
+        f"{packed if entry.get('prepacked') else ''}"
         f"decode {entry['decode_tokens_per_s']:8.2f} tok/s "
         f"({entry['fraction_of_bandwidth_limit']:.3f} of the bandwidth limit), "
         f"verify(K=4)/decode {entry['verify_over_decode_k4']:.2f}{c}, "

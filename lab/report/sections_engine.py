@@ -15,7 +15,8 @@ COLUMNS = (*KEYS, "read_gb_per_s", "decode_tokens_per_s", "fraction_of_bandwidth
            "verify_over_decode_k4", "c", "prefill_tokens_per_s")  # fmt: skip
 NOTE = (
     "Per device, model, dtype, engine and linears (`lab bench-engine`; linears: plain nn.Linear, "
-    "fused q/k/v and gate/up, oneDNN-prepacked for steps of 4+ tokens, or int8 weight-only for "
+    "fused q/k/v and gate/up, oneDNN-prepacked (from 4 tokens on Intel CPUs, 1 elsewhere), lab's "
+    "small-M kernel (lab.engine.smallm, steps of 1-32 tokens off Intel), or int8 weight-only for "
     "steps of up to 16 tokens, its bytes counted as int8): the device's "
     "streaming-read bandwidth (best of 5 reads of a buffer larger than its caches: a "
     "matrix-vector product on CPU, as decoding reads weights, a sum on GPU); decode tokens/s "
@@ -37,9 +38,11 @@ SHOWN = {
 
 
 def with_linears(frame: pd.DataFrame) -> pd.DataFrame:
-    """The frame with a `linears` column: int8, prepacked, fused or plain (older files: plain)."""
-    flags = frame.reindex(columns=["int8", "prepacked", "fused"]).eq(True)  # absent/NaN: False
-    linears = flags["int8"].map({True: "int8", False: ""})
+    """The frame with a `linears` column: int8, kernel, prepacked, fused or plain (older files:
+    plain)."""
+    flags = frame.reindex(columns=["int8", "prepack_kernel", "prepacked", "fused"]).eq(True)
+    linears = flags["int8"].map({True: "int8", False: ""})  # absent/NaN flags read False
+    linears = linears.where(linears != "", flags["prepack_kernel"].map({True: "kernel", False: ""}))
     linears = linears.where(linears != "", flags["prepacked"].map({True: "prepacked", False: ""}))
     linears = linears.where(linears != "", flags["fused"].map({True: "fused", False: "plain"}))
     return frame.assign(linears=linears)
