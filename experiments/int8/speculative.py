@@ -11,6 +11,8 @@ bytes. Variants, run in a fresh random order per prompt after one warm-up genera
 --min-rows N: the rows from which the target's (and fp32 draft's) prepacked linears take oneDNN,
 the same in every arm (4: lab's choice on Intel CPUs; 1: every step on oneDNN, lab's choice
 elsewhere, faster than MKL's matrix-vector path on an AMD EPYC).
+--kernel: the prepacked linears run lab's small-M kernel (lab.engine.smallm; lab's choice off
+Intel CPUs with AVX2 + FMA) instead of oneDNN; the file is then speculative-r<N>-kernel.json.
 
     python experiments/int8/speculative.py --min-rows 4 --per-category 1 --max-new-tokens 48
 
@@ -71,12 +73,13 @@ def main() -> None:
     parser.add_argument("--per-category", type=int, default=1)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--kernel", action="store_true", help="lab's small-M kernel, not oneDNN")
     parser.add_argument("--out", type=Path, default=Path("experiments/int8"))
     args = parser.parse_args()
     target = models.load(TARGET, "cpu", "float32")
-    prepack.prepack(target.model, args.min_rows)
+    prepack.prepack(target.model, args.min_rows, args.kernel)
     draft32 = models.load(DRAFT, "cpu", "float32")
-    prepack.prepack(draft32.model, args.min_rows)
+    prepack.prepack(draft32.model, args.min_rows, args.kernel)
     draft8 = models.load(DRAFT, "cpu", "float32")
     quantize.quantize(draft8.model)
     prompts = [encode(p, target.tokenizer) for p in load_suite("builtin", None, args.per_category)]
@@ -103,7 +106,7 @@ def main() -> None:
         print(f"prompt {i}: {line}", flush=True)
     out = {
         "target": TARGET, "draft": DRAFT, "k": k, "max_new_tokens": n, "prompts": len(prompts),
-        "min_rows": args.min_rows, "torch_threads": torch.get_num_threads(),
+        "min_rows": args.min_rows, "kernel": args.kernel, "torch_threads": torch.get_num_threads(),
         "machine": {**machine.describe(), "flags": cpu_flags()},
         "variants": {v: summary(results[v], results["base"], k) for v in variants},
     }  # fmt: skip
@@ -112,7 +115,7 @@ def main() -> None:
         print(v, shown, f"identical {s['identical_to_base']}/{len(prompts)}")
     folder = args.out / machine_slug(machine.cpu_name())
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"speculative-r{args.min_rows}.json"
+    path = folder / f"speculative-r{args.min_rows}{'-kernel' if args.kernel else ''}.json"
     path.write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {path}")
 
