@@ -337,6 +337,7 @@ def run(
     check_engines(engines)
     bandwidth = read_bandwidth(device, settings.bandwidth_bytes)
     where = machine_fields(device, bandwidth)
+    vendor = machine.cpu_vendor()
     out = []
     for dtype in dtypes:
         lm = load(target, dtype)
@@ -348,7 +349,6 @@ def run(
                     quantize.quantize(model.model)
         for packed in _prepack_variants(lm, settings.prepack):
             for model in [m for m in (lm, small) if m is not None] if packed else []:
-                vendor = machine.cpu_vendor()
                 prepack.prepack(model.model, prepack.min_rows(vendor), prepack.use_kernel(vendor))
             for name in engines:
                 for entry in bench_engine(lm, small, name, bandwidth, settings):
@@ -379,14 +379,18 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def packing(entry: dict[str, Any]) -> str:
+    """How an entry's linears were packed: "kernel" (lab.engine.smallm), "prepacked" (oneDNN)
+    or "" (not packed)."""
+    if not entry.get("prepacked"):
+        return ""
+    return "kernel" if entry.get("prepack_kernel") else "prepacked"
+
+
 def file_name(entry: dict[str, Any]) -> str:
-    """<model>-<dtype>-<engine>.json, the model's '/' made safe."""
+    """<model>-<dtype>-<engine>[-<packing>][-int8].json, the model's '/' made safe."""
     model = re.sub(r"[^A-Za-z0-9._-]+", "_", entry["model"])
-    packed = (
-        ("-kernel" if entry.get("prepack_kernel") else "-prepacked")
-        if entry.get("prepacked")
-        else ""
-    )
+    packed = f"-{packing(entry)}" if packing(entry) else ""
     int8 = "-int8" if entry.get("int8") else ""
     return f"{model}-{entry['dtype']}-{entry['engine']}{packed}{int8}.json"
 
@@ -405,10 +409,9 @@ def write(entries: Sequence[dict[str, Any]], folder: Path) -> list[Path]:
 def summary_line(entry: dict[str, Any]) -> str:
     """One human line per entry, for the CLI."""
     c = f", c {entry['c']:.3f}" if entry.get("c") is not None else ""
-    packed = "kernel " if entry.get("prepack_kernel") else "prepacked "
+    packed = f"{packing(entry)} " if packing(entry) else ""
     return (
-        f"{entry['model']:28} {entry['dtype']:9} {entry['engine']:9} "
-        f"{packed if entry.get('prepacked') else ''}"
+        f"{entry['model']:28} {entry['dtype']:9} {entry['engine']:9} {packed}"
         f"decode {entry['decode_tokens_per_s']:8.2f} tok/s "
         f"({entry['fraction_of_bandwidth_limit']:.3f} of the bandwidth limit), "
         f"verify(K=4)/decode {entry['verify_over_decode_k4']:.2f}{c}, "
