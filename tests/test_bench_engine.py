@@ -132,7 +132,7 @@ def test_run_writes_one_file_per_model_dtype_engine(tmp_path: Path) -> None:
     slug = bench.machine_slug(machine.cpu_name())
     # CPU float32: measured without, then with prepacked linears (lab.engine.prepack), whose
     # packed copy is lab's kernel's off Intel (prepack.use_kernel).
-    kernel = prepack.use_kernel(machine.cpu_vendor())
+    kernel = prepack.plan().kernel
     names = [
         "tiny-random-qwen2-float32-dynamic.json",
         f"tiny-random-qwen2-float32-dynamic-{'kernel' if kernel else 'prepacked'}.json",

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from lab import models
+from lab import machine, models
 from lab.bench import engine as bench_engine
 from lab.drafting.draft_model import DraftModel
 from lab.engine import caches, loop, prepack, smallm
@@ -16,7 +16,9 @@ from lab.engine.loop import Speculation
 from lab.engine.policies import get_policy
 from lab.report.sections_engine import with_linears
 
-pytestmark = pytest.mark.skipif(not smallm.cpu_supports(), reason="needs a CPU with AVX2 + FMA")
+pytestmark = pytest.mark.skipif(
+    not smallm.cpu_supports(machine.cpu_flags()), reason="needs a CPU with AVX2 + FMA"
+)
 
 N = 40
 
@@ -75,20 +77,33 @@ def test_prepacked_linear_takes_the_kernel_where_it_applies():
         torch.randn(3, 24, generator=gen),
         torch.randn(smallm.MAX_ROWS + 1, 24, generator=gen),
     )
-    with torch.profiler.profile() as prof:
-        got = packed_fits(few)
-    names = {e.name for e in prof.events()}
-    assert "mkldnn::_linear_pointwise" not in names
-    torch.testing.assert_close(got, fits(few), rtol=1e-5, atol=1e-5)
-    # Past MAX_ROWS (prefill) the plain weight: exactly nn.Linear's result.
-    assert torch.equal(packed_fits(many), fits(many))
+    assert ops(packed_fits, few) == set()  # up to MAX_ROWS: the kernel, no torch matmul
+    torch.testing.assert_close(packed_fits(few), fits(few), rtol=1e-5, atol=1e-5)
+    # Past MAX_ROWS (prefill): oneDNN on the plain weight (faster there than MKL, prepack doc).
+    assert ops(packed_fits, many) == {"mkldnn::_linear_pointwise"}
+    torch.testing.assert_close(packed_fits(many), fits(many), rtol=1e-5, atol=1e-5)
+    assert ops(packed_odd, few) == {"mkldnn::_linear_pointwise"}
     torch.testing.assert_close(packed_odd(few), odd(few), rtol=1e-5, atol=1e-5)
 
 
-def test_use_kernel_follows_the_cpu_vendor():
-    assert not prepack.use_kernel("GenuineIntel")  # MKL + oneDNN stay Intel's (prepack doc)
-    assert not prepack.use_kernel(None)
-    assert prepack.use_kernel("AuthenticAMD")  # this CPU has AVX2 + FMA (the module's skip)
+def ops(layer: nn.Module, x: torch.Tensor) -> set[str]:
+    """The matmul operators torch's profiler sees when layer runs on x."""
+    with torch.profiler.profile() as prof:
+        layer(x)
+    matmuls = ("mkldnn::_linear_pointwise", "aten::linear", "aten::addmm", "aten::mm")
+    return {e.name for e in prof.events()} & set(matmuls)
+
+
+def test_use_kernel_follows_the_cpu_vendor_and_flags():
+    avx2 = frozenset({"sse4_2", "avx", "avx2", "fma"})
+    assert not prepack.use_kernel("GenuineIntel", avx2)  # MKL + oneDNN stay Intel's (prepack doc)
+    assert not prepack.use_kernel(None, avx2)
+    assert prepack.use_kernel("AuthenticAMD", avx2)
+    assert not prepack.use_kernel("AuthenticAMD", avx2 - {"fma"})
+    assert not prepack.use_kernel("AuthenticAMD", frozenset({"avx", "fma"}))
+    here = prepack.plan()
+    assert here == (prepack.min_rows(machine.cpu_vendor()),
+                    prepack.use_kernel(machine.cpu_vendor(), machine.cpu_flags()))  # fmt: skip
 
 
 def test_kernel_model_decodes_the_same_tokens(qwen2, qwen2_draft, prompt_ids):

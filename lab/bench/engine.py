@@ -132,7 +132,7 @@ def read_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int
         if prepack.applies(device, torch.float32):
             packed = prepack.reorder(matrix)
             reads.append(partial(prepack.packed_linear, vector, packed, None))
-        if prepack.use_kernel(machine.cpu_vendor()):  # lab's own kernel, where linears run it
+        if prepack.plan().kernel:  # lab's own kernel, where linears run it
             blocks = smallm.pack(matrix)
             reads.append(partial(smallm.linear, vector, blocks))
     best = float("inf")
@@ -337,7 +337,7 @@ def run(
     check_engines(engines)
     bandwidth = read_bandwidth(device, settings.bandwidth_bytes)
     where = machine_fields(device, bandwidth)
-    vendor = machine.cpu_vendor()
+    plan = prepack.plan()
     out = []
     for dtype in dtypes:
         lm = load(target, dtype)
@@ -349,7 +349,7 @@ def run(
                     quantize.quantize(model.model)
         for packed in _prepack_variants(lm, settings.prepack):
             for model in [m for m in (lm, small) if m is not None] if packed else []:
-                prepack.prepack(model.model, prepack.min_rows(vendor), prepack.use_kernel(vendor))
+                prepack.prepack(model.model, *plan)
             for name in engines:
                 for entry in bench_engine(lm, small, name, bandwidth, settings):
                     out.append(where | entry | {"settings": asdict(settings)})

@@ -16,16 +16,20 @@ took 2.2 / 2.0 / 2.1, and the 1.5B's baseline decoded about 1.45x faster with ev
 oneDNN. So min_rows(vendor) is MIN_ROWS on Intel and 1 elsewhere. There oneDNN itself still cost
 1.3-1.4x a decode step for 5 rows, and lab's own kernel (lab.engine.smallm) about 1.0x, at a
 faster decode step too: off Intel, with AVX2 and FMA, the packed copy is the kernel's
-(use_kernel(vendor)) for 1..smallm.MAX_ROWS rows, and longer steps take MKL on the plain weight.
+(use_kernel) for 1..smallm.MAX_ROWS rows. Longer steps (prefill) take oneDNN on the plain weight:
+past 32 rows the kernel's passes over each block make it compute-bound, and there oneDNN was
+1.15x faster than it at 48 rows and 1.19x faster than MKL over six prompts' prefills (76-191
+tokens, whole 1.5B on the EPYC). plan() is the choice for the CPU at hand.
 """
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import torch
 from torch import nn
 
+from lab import machine
 from lab.engine import smallm
 
 # Below this many rows MKL's matrix-vector path is the faster one on Intel (see the module doc).
@@ -38,17 +42,30 @@ def min_rows(vendor: str | None) -> int:
     return 1 if vendor is not None and vendor != "GenuineIntel" else MIN_ROWS
 
 
-def use_kernel(vendor: str | None) -> bool:
+def use_kernel(vendor: str | None, flags: frozenset[str]) -> bool:
     """Whether packed linears run lab's small-M kernel (lab.engine.smallm) rather than oneDNN
-    on a CPU of this vendor_id: off Intel, where the CPU has AVX2 and FMA (module doc)."""
-    return vendor is not None and vendor != "GenuineIntel" and smallm.cpu_supports()
+    on a CPU of this vendor_id and these flags: off Intel, with AVX2 and FMA (module doc)."""
+    return vendor is not None and vendor != "GenuineIntel" and smallm.cpu_supports(flags)
+
+
+class Plan(NamedTuple):
+    """How prepack packs a model's linears: from how many rows, and whether for lab's kernel."""
+
+    min_rows: int
+    kernel: bool
+
+
+def plan() -> Plan:
+    """The packing for the CPU this process runs on (lab.machine reads it)."""
+    vendor = machine.cpu_vendor()
+    return Plan(min_rows(vendor), use_kernel(vendor, machine.cpu_flags()))
 
 
 class PrepackedLinear(nn.Linear):
     """An nn.Linear (same weight, MKL's path below min_rows rows) that multiplies min_rows or
     more rows with a packed copy: oneDNN's, or with kernel=True lab's small-M kernel's (up to
-    smallm.MAX_ROWS rows; longer steps take MKL). A subclass, so code that looks for the LM
-    head's nn.Linear finds it."""
+    smallm.MAX_ROWS rows; longer steps take oneDNN on the plain weight). A subclass, so code
+    that looks for the LM head's nn.Linear finds it."""
 
     packed: torch.Tensor  # the weight in oneDNN's blocked layout, or in the kernel's
 
@@ -64,12 +81,14 @@ class PrepackedLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if rows < self.min_rows or (self.kernel and rows > smallm.MAX_ROWS):
+        if rows < self.min_rows:
             return nn.functional.linear(x, self.weight, self.bias)
-        if self.kernel:
-            y = smallm.linear(x, self.packed)
-            return y if self.bias is None else y + self.bias
-        return packed_linear(x, self.packed, self.bias)
+        if not self.kernel:
+            return packed_linear(x, self.packed, self.bias)
+        if rows > smallm.MAX_ROWS:  # oneDNN reorders the plain weight itself (module doc)
+            return packed_linear(x, self.weight, self.bias)
+        y = smallm.linear(x, self.packed)
+        return y if self.bias is None else y + self.bias
 
 
 def reorder(weight: torch.Tensor) -> torch.Tensor:
@@ -78,7 +97,8 @@ def reorder(weight: torch.Tensor) -> torch.Tensor:
 
 
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ W^T (+ bias) with oneDNN on W's packed copy (torch.ops.mkldnn._reorder_linear_weight)."""
+    """x @ W^T (+ bias) with oneDNN on W's packed copy (torch.ops.mkldnn._reorder_linear_weight)
+    or on W itself."""
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
@@ -89,7 +109,7 @@ def applies(device: torch.device, dtype: torch.dtype) -> bool:
 
 def prepack(model: nn.Module, min_rows: int = MIN_ROWS, kernel: bool = False) -> int:
     """Replace every nn.Linear of a CPU fp32 model in place, packed from min_rows rows on (for
-    lab's kernel where kernel is set, see use_kernel); the number replaced."""
+    lab's kernel where kernel is set; plan() gives both for this CPU); the number replaced."""
     weight = next(model.parameters())
     if not applies(weight.device, weight.dtype):
         raise ValueError("prepacked linears need a float32 model on the CPU and oneDNN (mkldnn)")

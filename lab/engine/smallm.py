@@ -6,7 +6,7 @@ against n = 1 (interleaved rounds): with oneDNN's packed weights on every linear
 281-304 ms and 5 tokens 1.27-1.41x that; with this kernel 217-240 ms and 1.00-1.04x. MKL's
 small-M path was slower still there (lab.engine.prepack). On an Intel Xeon (AVX-512) an earlier
 version saved only 2-3% of a 5-token step over oneDNN (experiments/kernels/README.md), so Intel
-CPUs keep MKL + oneDNN (prepack.packing).
+CPUs keep MKL + oneDNN (prepack.use_kernel).
 """
 
 from __future__ import annotations
@@ -19,26 +19,23 @@ from types import ModuleType
 
 import torch
 
+from lab import machine
+
 MAX_ROWS = 32  # longer steps (prefill) take the float weight: a GEMM there is compute-bound
 BLOCK = 16  # output channels per packed block (smallm.cpp's R)
 SOURCE = Path(__file__).with_name("smallm.cpp")
 
 
-def cpu_supports() -> bool:
-    """Whether this CPU has the AVX2 and FMA instructions the kernel is compiled for."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
-                  if line.startswith("flags")), [])  # fmt: skip
-    return "avx2" in flags and "fma" in flags
+def cpu_supports(flags: frozenset[str]) -> bool:
+    """Whether a CPU with these flags (lab.machine.cpu_flags) has the AVX2 and FMA instructions
+    the kernel is compiled for."""
+    return {"avx2", "fma"} <= flags
 
 
 @functools.cache
 def extension() -> ModuleType:
     """The kernel, compiled for this machine (cached by torch under ~/.cache/torch_extensions)."""
-    if not cpu_supports():
+    if not cpu_supports(machine.cpu_flags()):
         raise RuntimeError("the small-M kernel needs a CPU with AVX2 and FMA")
     from torch.utils.cpp_extension import load
 

@@ -71,8 +71,7 @@ def _speed_up(params: P.Params, lm: LoadedModel, role: str) -> None:
     if quantized(params) and (_all(params) or role == "draft"):
         quantize.quantize(lm.model)
     elif prepacked(params):
-        vendor = machine.cpu_vendor()
-        prepack.prepack(lm.model, prepack.min_rows(vendor), prepack.use_kernel(vendor))
+        prepack.prepack(lm.model, *prepack.plan())
 
 
 def machine_config(params: P.Params) -> dict[str, Any]:
@@ -80,9 +79,8 @@ def machine_config(params: P.Params) -> dict[str, Any]:
     prepacked linears take their packed copy, oneDNN's or lab's kernel; not part of `run`."""
     device = models.resolve_device(params.models.device)
     packed = prepacked(params)
-    vendor = machine.cpu_vendor()
-    rows = {"prepack_min_rows": prepack.min_rows(vendor),
-            "prepack_kernel": prepack.use_kernel(vendor)} if packed else {}  # fmt: skip
+    plan = prepack.plan()
+    rows = {"prepack_min_rows": plan.min_rows, "prepack_kernel": plan.kernel} if packed else {}
     return {**machine.describe(), "device": str(device),
             "dtype": models.dtype_choice(device, params.models.dtype), **rows}  # fmt: skip
 
