@@ -327,7 +327,7 @@ def test_params_yaml_eagle_tree(tmp_path: Path):
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     settings = P.load(ROOT / "params.yaml").drafters.settings("eagle")
     assert {key: settings[key] for key in ("tree_size", "depth", "top_k")} == {
-        "tree_size": 16, "depth": 5, "top_k": 4,
+        "tree_size": 4, "depth": 5, "top_k": 4,
     }  # fmt: skip
     bad = copy.deepcopy(raw)
     bad["drafters"]["params"]["eagle"]["top_k"] = 0

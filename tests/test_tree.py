@@ -541,7 +541,7 @@ def test_tree_size_setting():
 
 def test_params_yaml_tree_size(tmp_path: Path):
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    assert P.load(ROOT / "params.yaml").drafters.settings("medusa")["tree_size"] == 16
+    assert P.load(ROOT / "params.yaml").drafters.settings("medusa")["tree_size"] == 4
     bad = copy.deepcopy(raw)
     bad["drafters"]["params"]["medusa"]["tree_size"] = 0
     path = tmp_path / "params.yaml"
