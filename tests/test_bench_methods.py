@@ -9,6 +9,8 @@ import pytest
 from lab import cli, models
 from lab.bench import hf as bench
 from lab.bench import results
+from lab.bench.interleave import interleaved
+from lab.engine.records import PromptResult
 from lab.models import random as random_models
 
 TINY = ["bench", "--target", "tiny-random-qwen2", "--draft", "tiny-random-qwen2-draft"]
@@ -133,3 +135,28 @@ def test_rows_carry_the_verdict_counts():
               "methods": {"lab_speculative": info}}  # fmt: skip
     row = results.rows(result)["lab_speculative"]
     assert (row["identical"], row["numerics"], row["violation"]) == (False, 2, 1)
+
+
+def test_interleaved_warms_each_variant_then_runs_every_prompt_once_per_variant(capsys):
+    calls: list[tuple[str, int]] = []
+
+    def run(variant: str, ids: list[int]) -> PromptResult:
+        calls.append((variant, ids[0]))
+        return PromptResult(ids, [ids[0]], variant, 1.0, 1000.0 * ids[0], 0.0, None)
+
+    prompts = [[p] for p in range(1, 21)]
+    results = interleaved(run, ("a", "b"), prompts, seed=0)
+    assert calls[:2] == [("a", 1), ("b", 1)]  # one untimed warm-up each, on the first prompt
+    timed = calls[2:]
+    for i, ids in enumerate(prompts):  # each prompt: both variants, before the next prompt
+        assert sorted(timed[2 * i : 2 * i + 2]) == [("a", ids[0]), ("b", ids[0])]
+    firsts = [timed[2 * i][0] for i in range(len(prompts))]
+    assert set(firsts) == {"a", "b"}  # the order changes from prompt to prompt
+    again: list[tuple[str, int]] = calls[:]
+    calls.clear()
+    interleaved(run, ("a", "b"), prompts, seed=0)
+    assert calls == again  # the same seed, the same order
+    assert {v: [r.token_ids[0] for r in rs] for v, rs in results.items()} == {
+        "a": list(range(1, 21)), "b": list(range(1, 21)),
+    }  # fmt: skip
+    assert "prompt 2 (1 tokens): a 3.0 s, b 3.0 s" in capsys.readouterr().out

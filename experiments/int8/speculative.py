@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 from pathlib import Path
 
@@ -32,6 +31,7 @@ import torch
 
 from lab import machine, models
 from lab.bench.engine import cpu_flags, machine_slug
+from lab.bench.interleave import interleaved
 from lab.drafting.draft_model import DraftModel
 from lab.engine import loop, prepack, quantize
 from lab.engine.controllers import FixedK
@@ -93,17 +93,7 @@ def main() -> None:
         return loop.generate(target, ids, n, speculation=spec)
 
     variants = ("base", "fp32-draft", "int8-draft")
-    for variant in variants:  # every arm meets its shapes before anything is timed
-        run(variant, prompts[0])
-    rng = random.Random(0)
-    results: dict[str, list[PromptResult]] = {v: [] for v in variants}
-    for i, ids in enumerate(prompts):
-        order = list(variants)
-        rng.shuffle(order)
-        for variant in order:
-            results[variant].append(run(variant, ids))
-        line = ", ".join(f"{v} {results[v][-1].total_ms / 1000:.1f} s" for v in variants)
-        print(f"prompt {i}: {line}", flush=True)
+    results = interleaved(run, variants, prompts)
     out = {
         "target": TARGET, "draft": DRAFT, "k": k, "max_new_tokens": n, "prompts": len(prompts),
         "min_rows": args.min_rows, "kernel": args.kernel, "torch_threads": torch.get_num_threads(),

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import torch
 
 from lab import machine, models
 from lab.bench.engine import cpu_flags, machine_slug
+from lab.bench.interleave import interleaved
 from lab.drafting.draft_model import DraftModel
 from lab.engine import loop, prepack, quantize
 from lab.engine.controllers import FixedK
@@ -63,17 +63,7 @@ def main() -> None:
         spec = Speculation(DraftModel(draft), get_policy("exact"), FixedK(4))
         return loop.generate(target, ids, n, speculation=spec)
 
-    for variant in VARIANTS:  # every arm meets its shapes before anything is timed
-        run(variant, prompts[0])
-    rng = random.Random(0)
-    results: dict[str, list[PromptResult]] = {v: [] for v in VARIANTS}
-    for i, ids in enumerate(prompts):
-        order = list(VARIANTS)
-        rng.shuffle(order)
-        for variant in order:
-            results[variant].append(run(variant, ids))
-        line = ", ".join(f"{v} {results[v][-1].total_ms / 1000:.1f} s" for v in VARIANTS)
-        print(f"prompt {i} ({len(ids)} tokens): {line}", flush=True)
+    results = interleaved(run, VARIANTS, prompts)
     base = results["base-onednn"]
     summary = {}
     for v, rs in results.items():
