@@ -41,7 +41,7 @@ from lab.report.load import ReportError, ReportSettings, label, load_results
 from lab.report.plots import PLOTS
 from lab.report.render import main, render
 from lab.report.sections import gpu_table, lossless_table
-from lab.report.sections_speed import predicted_section, protocol_section
+from lab.report.sections_speed import drafters_section, predicted_section, protocol_section
 from lab.report.sections_trees import trees_section
 from lab.report.summary import summary_text
 from lab.report.tables import make_table
@@ -399,8 +399,10 @@ def test_missing_stages_render(experiments: Path, settings: ReportSettings, tmp_
     shutil.copytree(experiments / "baseline", partial / "baseline")
     shutil.copytree(experiments / "ksweep", partial / "ksweep")
     # A clone where pipelines/trees never ran holds only its items' git-tracked metrics.json.
-    (partial / "trees" / "medusa-t4").mkdir(parents=True)
-    (partial / "trees" / "medusa-t4" / "metrics.json").write_text("{}")
+    # Likewise pipelines/heads' drafters stage.
+    for stage, item in (("trees", "medusa-t4"), ("drafters_scale", "eagle")):
+        (partial / stage / item).mkdir(parents=True)
+        (partial / stage / item / "metrics.json").write_text("{}")
     written = render(partial, tmp_path / "reports", settings)
     text = (tmp_path / "reports" / "report.md").read_text()
     for heading in ("Acceptance policies", "Drafters", "K controllers", "Perplexity", "GPU"):
@@ -826,6 +828,25 @@ def test_gpu_table_counts_verdicts_in_whole_prompts() -> None:
     table = make_table("gpu", "GPU", gpu_table(pd.DataFrame(files)))
     assert table.shown["numerics"].tolist() == ["n/a", "6"]
     assert table.shown["violation"].tolist() == ["n/a", "0"]
+
+
+def test_drafters_section_shows_scaled_heads_beside_the_default(settings: ReportSettings) -> None:
+    """pipelines/heads' drafters_scale items are rows of the Drafters table, after the default
+    run's own, and only then is the note on them shown."""
+    default = _tree_item("drafters", "eagle", 4, proposed=4, depth=3, speedup=1.0)
+    scaled = _tree_item("drafters_scale", "eagle", 4, proposed=4, depth=3, speedup=1.3)
+    scaled = dataclasses.replace(scaled, path=Path("drafters_scale") / "eagle")
+    both = load.Results({"drafters": [default], "drafters_scale": [scaled]}, None, None, None,
+                        None, None, pd.DataFrame())  # fmt: skip
+    section = drafters_section(both, settings)
+    data = section.tables[0].data
+    assert data["configuration"].tolist() == ["drafters/eagle-t4", "drafters_scale/eagle"]
+    assert data["speedup"].tolist() == pytest.approx([1.0, 1.3])
+    assert any("drafters_scale/<kind>" in line for line in section.text)
+    alone = drafters_section(load.Results({"drafters": [default]}, None, None, None, None, None,
+                                          pd.DataFrame()), settings)  # fmt: skip
+    assert alone.tables[0].data["configuration"].tolist() == ["drafters/eagle-t4"]
+    assert not any("drafters_scale" in line for line in alone.text)
 
 
 def test_steps_written_before_trees_read_with_depth(experiments: Path, tmp_path: Path) -> None:

@@ -15,11 +15,12 @@ from lab.pipeline.store import Item
 from lab.report.heads import HeadRecords, head_records
 from lab.report.http import http_frame
 
-# Stages whose items are decoding runs, in report order; trees is the optional pipelines/trees.
-STAGES = ("baseline", "ksweep", "policies", "drafters", "trees", "adaptive")
+# Stages whose items are decoding runs, in report order; drafters_scale (the drafters with the
+# heads of pipelines/heads) and trees (pipelines/trees) are optional pipelines'.
+STAGES = ("baseline", "ksweep", "policies", "drafters", "drafters_scale", "trees", "adaptive")
 # Stages of optional pipelines: an item folder holding only its git-tracked metrics.json (a clone
 # where that pipeline has not run) is skipped, not an error.
-OPTIONAL_STAGES = frozenset({"trees"})
+OPTIONAL_STAGES = frozenset({"drafters_scale", "trees"})
 
 # The policies lab.engine.policies registers as lossless (tests/test_report.py checks that they
 # agree): config.json records only the policy's name, and importing the registry would load torch.

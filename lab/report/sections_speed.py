@@ -166,6 +166,13 @@ def drafters_section(results: Results, settings: ReportSettings) -> Section:
     if not items:
         section.text.append(no_data("experiments/drafters/ is absent or empty"))
         return section
+    scaled = results.items.get("drafters_scale", [])
+    if scaled:
+        section.text.append(
+            "drafters_scale/<kind>: the same drafter with the heads pipelines/heads trained on "
+            "more data (experiments/heads_scale/; Drafter heads shows how much)."
+        )
+    items = [*items, *scaled]
     columns = [
         "configuration",
         "k",
