@@ -276,7 +276,7 @@ def test_scale_pipeline_params_load():
     scale = P.load_heads_pipeline(ROOT / "pipelines" / "heads" / "params.yaml")
     assert scale.distill.corpus_tokens > P.load(ROOT / "params.yaml").distill.corpus_tokens
     stages = yaml.safe_load((ROOT / "pipelines" / "heads" / "dvc.yaml").read_text())["stages"]
-    assert set(stages) == {"distill", "heads"}
+    assert set(stages) == {"distill", "heads", "drafters"}
 
 
 def test_scale_pipeline_runs_on_tiny_models_and_stays_optional(tmp_path, qwen2):

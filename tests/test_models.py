@@ -29,7 +29,7 @@ def test_byte_tokenizer_round_trips_and_has_chat_template():
 
 
 def test_device_and_dtype_defaults():
-    assert models.resolve_dtype(torch.device("cpu")) == torch.float32
+    assert models.resolve_dtype(torch.device("cpu")) == models.cpu_dtype()[0]  # by the CPU's flags
     assert models.resolve_dtype(torch.device("cuda")) == torch.bfloat16
     assert models.resolve_dtype(torch.device("mps")) == torch.float16
     assert models.resolve_dtype(torch.device("cpu"), "bfloat16") == torch.bfloat16
