@@ -14,6 +14,12 @@ _CPUINFO = Path("/proc/cpuinfo")
 # 1.81x in fp32). Without, bf16 is emulated and slower than fp32.
 FAST_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
+# The widest matrix/vector unit, named in a CPU's label: clouds name different CPUs alike (two
+# 2-core "AMD EPYC" machines here: one AVX2 only, one with AVX512-BF16) and they run lab's
+# engine at different speeds and dtypes.
+ISA_LABELS = (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX-512"),
+              ("avx2", "AVX2"))  # fmt: skip
+
 
 def _cpuinfo_field(name: str) -> str | None:
     """The first `name : value` of /proc/cpuinfo (Linux), else None."""
@@ -48,6 +54,15 @@ def fast_bf16_flag(flags: frozenset[str] | None = None) -> str | None:
     """The flag that makes bf16 fast on this CPU (amx_bf16, avx512_bf16), or None."""
     have = cpu_flags() if flags is None else flags
     return next((f for f in FAST_BF16_FLAGS if f in have), None)
+
+
+def cpu_label(name: str | None = None, flags: frozenset[str] | None = None) -> str:
+    """'AMD EPYC (AVX2)': the CPU's model name and its widest unit of ISA_LABELS (this CPU's by
+    default; a recorded name and flags give an old result's label)."""
+    have = cpu_flags() if flags is None else flags
+    isa = next((label for flag, label in ISA_LABELS if flag in have), None)
+    name = cpu_name() if name is None else name
+    return f"{name} ({isa})" if isa else name
 
 
 def describe() -> dict[str, str | int | None]:

@@ -39,11 +39,28 @@ def _load(name: str, dtype: str | None) -> models.LoadedModel:
         ("NVIDIA H200", "nvidia-h200"),
         ("Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz", "intel-xeon-platinum-8481c"),
         ("AMD EPYC 7B13 64-Core Processor", "amd-epyc-7b13-64-core-processor"),
+        ("Intel(R) Xeon(R) Processor @ 2.80GHz (AVX-512)", "intel-xeon-processor-avx-512"),
+        ("AMD EPYC (AVX512-BF16)", "amd-epyc-avx512-bf16"),
         ("NVIDIA H100 80GB HBM3", "nvidia-h100-80gb-hbm3"),
     ],
 )
 def test_machine_slug(name: str, slug: str) -> None:
     assert bench.machine_slug(name) == slug
+
+
+@pytest.mark.parametrize(
+    ("flags", "label"),
+    [
+        ({"avx2"}, "AMD EPYC (AVX2)"),
+        ({"avx2", "avx512f"}, "AMD EPYC (AVX-512)"),
+        ({"avx2", "avx512f", "avx512_bf16"}, "AMD EPYC (AVX512-BF16)"),
+        ({"avx512f", "avx512_bf16", "amx_bf16"}, "AMD EPYC (AMX)"),
+        (set(), "AMD EPYC"),
+    ],
+)
+def test_cpu_label_names_the_widest_unit(flags: set[str], label: str) -> None:
+    # Two CPUs both called "AMD EPYC" (AVX2 only / AVX512-BF16) must not share a results folder.
+    assert machine.cpu_label("AMD EPYC", frozenset(flags)) == label
 
 
 def test_machine_slug_refuses_a_name_without_letters() -> None:
@@ -129,7 +146,7 @@ def test_entries_hold_every_measurement(entries: list[dict[str, Any]]) -> None:
 def test_run_writes_one_file_per_model_dtype_engine(tmp_path: Path) -> None:
     found = bench.run(_load, "tiny-random-qwen2", None, ["float32"], ["dynamic"], CPU, SMALL)
     written = bench.write(found, tmp_path)
-    slug = bench.machine_slug(machine.cpu_name())
+    slug = bench.machine_slug(machine.cpu_label())
     # CPU float32: measured without, then with prepacked linears (lab.engine.prepack), whose
     # packed copy is lab's kernel's off Intel (prepack.use_kernel).
     kernel = prepack.plan().kernel
@@ -141,7 +158,7 @@ def test_run_writes_one_file_per_model_dtype_engine(tmp_path: Path) -> None:
     assert [json.loads(p.read_text())["prepacked"] for p in written] == [False, True]
     assert [json.loads(p.read_text())["prepack_kernel"] for p in written] == [False, kernel]
     data = json.loads(written[0].read_text())
-    assert data["device"] == machine.cpu_name() and data["machine"] == slug
+    assert data["device"] == machine.cpu_label() and data["machine"] == slug
     assert data["read_bandwidth_bytes_per_s"] > 0 and isinstance(data["cpu_flags"], list)
     assert data["environment"]["torch"] == torch.__version__
     assert data["environment"]["threads"] == torch.get_num_threads()
@@ -169,7 +186,7 @@ def test_cli_bench_engine(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
         ("tiny-random-qwen2", "dynamic", False), ("tiny-random-qwen2", "static", False),
     ]  # fmt: skip
     files = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.json"))
-    slug = bench.machine_slug(machine.cpu_name())
+    slug = bench.machine_slug(machine.cpu_label())
     dtype = str(models.cpu_dtype()[0]).removeprefix("torch.")  # bf16 on AMX / AVX512-BF16 CPUs
     assert files == [f"{slug}/tiny-random-qwen2-{dtype}-{e}.json" for e in ("dynamic", "static")]
     on = [*args[: -len(SMALL_ARGS) - 2], "--prepack", "on", "--dtypes", "float32", *SMALL_ARGS]

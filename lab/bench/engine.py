@@ -152,7 +152,7 @@ def cpu_flags() -> list[str]:
 
 def machine_slug(device_name: str) -> str:
     """A file-system-safe folder name for a device: 'NVIDIA H200' -> 'nvidia-h200'."""
-    name = re.sub(r"\((r|tm)\)|\bcpu\b|@.*$", " ", device_name.lower())  # marks, clock suffix
+    name = re.sub(r"\((r|tm)\)|\bcpu\b|@\s*[0-9.]+\s*ghz", " ", device_name.lower())  # marks, clock
     slug = re.sub(r"[^a-z0-9.]+", "-", name).strip("-.")
     if not slug:
         raise ValueError(f"device name {device_name!r} gives no folder name")
@@ -318,9 +318,10 @@ def bench_engine(
 def machine_fields(device: torch.device, bandwidth: float) -> dict[str, Any]:
     """What every entry records of where it ran."""
     env = environment(device)
+    name = env["device"] if device.type == "cuda" else machine.cpu_label()
     return {
-        "device": env["device"],
-        "machine": machine_slug(env["device"]),
+        "device": name,
+        "machine": machine_slug(name),
         "cpu": machine.cpu_name(),
         "cpu_flags": cpu_flags(),
         "read_bandwidth_bytes_per_s": bandwidth,
