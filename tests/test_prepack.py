@@ -77,23 +77,34 @@ def test_greedy_tokens_equal_generate_and_speculation(packed, qwen2, qwen2_draft
         assert loop.generate(packed, prompt_ids, N, speculation=spec).token_ids == expected
 
 
-def test_refuses_models_it_does_not_apply_to():
+def _kernel(monkeypatch: pytest.MonkeyPatch, on: bool) -> None:
+    """Pretend the CPU's plan does (or does not) run lab's kernel, whatever CPU this is."""
+    monkeypatch.setattr(prepack, "plan", lambda: prepack.Plan(1, on))
+
+
+def test_refuses_models_it_does_not_apply_to(monkeypatch):
     lm = models.load("tiny-random-qwen2", device="cpu", dtype="bfloat16")
     with pytest.raises(ValueError, match="float32 model on the CPU"):
-        prepack.prepack(lm.model)
-    assert (
-        prepack.applies(torch.device("cpu"), torch.float32) == torch.backends.mkldnn.is_available()
-    )
-    assert not prepack.applies(torch.device("cpu"), torch.bfloat16)
+        prepack.prepack(lm.model)  # bf16 without the kernel: oneDNN's packing is fp32 only
+    cpu = torch.device("cpu")
+    assert prepack.applies(cpu, torch.float32) == torch.backends.mkldnn.is_available()
+    _kernel(monkeypatch, False)
+    assert not prepack.applies(cpu, torch.bfloat16)
+    _kernel(monkeypatch, True)  # bf16 is packed for lab's kernel only (lab.engine.smallm)
+    assert prepack.applies(cpu, torch.bfloat16) and not prepack.applies(cpu, torch.float16)
+    assert not prepack.applies(torch.device("meta"), torch.bfloat16)
 
 
-def test_bench_engine_measures_both_where_it_applies(qwen2):
+def test_bench_engine_measures_both_where_it_applies(qwen2, monkeypatch):
     assert bench_engine._prepack_variants(qwen2, None) == [False, True]
     assert bench_engine._prepack_variants(qwen2, False) == [False]
     lm = models.load("tiny-random-qwen2", device="cpu", dtype="bfloat16")
+    _kernel(monkeypatch, False)
     assert bench_engine._prepack_variants(lm, None) == [False]
     with pytest.raises(ValueError, match="CPU float32"):
         bench_engine._prepack_variants(lm, True)
+    _kernel(monkeypatch, True)
+    assert bench_engine._prepack_variants(lm, None) == [False, True]
 
 
 def _params(dtype: str, setting: bool | None) -> P.Params:
@@ -104,17 +115,21 @@ def _params(dtype: str, setting: bool | None) -> P.Params:
 
 
 @pytest.mark.parametrize(
-    ("dtype", "setting", "expected"),
-    [("float32", None, True), ("float32", False, False), ("bfloat16", None, False)],
-)
-def test_stage_config_records_the_choice(dtype, setting, expected):
+    ("dtype", "setting", "kernel", "expected"),
+    [("float32", None, False, True), ("float32", False, False, False),
+     ("bfloat16", None, False, False), ("bfloat16", None, True, True),
+     ("bfloat16", False, True, False)],
+)  # fmt: skip
+def test_stage_config_records_the_choice(dtype, setting, kernel, expected, monkeypatch):
+    _kernel(monkeypatch, kernel)
     params = _params(dtype, setting)
     assert stage.prepacked(params) is (expected and torch.backends.mkldnn.is_available())
     run = stage.run_config(params, Method())
     assert run.get("prepack", False) is stage.prepacked(params)
 
 
-def test_stage_refuses_prepack_where_it_does_not_apply():
+def test_stage_refuses_prepack_where_it_does_not_apply(monkeypatch):
+    _kernel(monkeypatch, False)
     params = _params("bfloat16", True)
     with pytest.raises(ValueError, match="models.prepack: true needs a CPU float32 run"):
         stage.prepacked(params)

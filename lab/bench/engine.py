@@ -364,7 +364,8 @@ def _prepack_variants(lm: LoadedModel, setting: bool | None) -> list[bool]:
     applies = prepack.applies(lm.device, lm.dtype) and not quantize.is_quantized(lm.model)
     if setting and not applies:
         raise ValueError(
-            f"prepacked linears need a CPU float32 model, not {lm.dtype} on {lm.device}"
+            f"prepacked linears need a CPU float32 model (bfloat16 where lab's kernel runs), "
+            f"not {lm.dtype} on {lm.device}"
         )
     if setting is None:
         return [False, True] if applies else [False]

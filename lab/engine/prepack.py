@@ -20,6 +20,9 @@ faster decode step too: off Intel, with AVX2 and FMA, the packed copy is the ker
 past 32 rows the kernel's passes over each block make it compute-bound, and there oneDNN was
 1.15x faster than it at 48 rows and 1.19x faster than MKL over six prompts' prefills (76-191
 tokens, whole 1.5B on the EPYC). plan() is the choice for the CPU at hand.
+
+bf16 models (the default dtype on CPUs with AMX or AVX512-BF16) are packed only for lab's kernel,
+which reads bf16 weights (lab.engine.smallm); longer steps keep torch's bf16 linear.
 """
 
 from __future__ import annotations
@@ -73,6 +76,10 @@ class PrepackedLinear(nn.Linear):
         nn.Module.__init__(self)  # nn.Linear's own __init__ would allocate a second weight
         self.min_rows = min_rows
         self.kernel = kernel and smallm.applies(linear)  # other shapes keep oneDNN
+        if not self.kernel and linear.weight.dtype != torch.float32:
+            raise ValueError(f"only lab's kernel packs {linear.weight.dtype} weights, with kernel "
+                             f"set and a multiple of 16 output channels (this one has "
+                             f"{linear.out_features})")  # fmt: skip
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
         weight = linear.weight.detach()
@@ -86,6 +93,8 @@ class PrepackedLinear(nn.Linear):
         if not self.kernel:
             return packed_linear(x, self.packed, self.bias)
         if rows > smallm.MAX_ROWS:  # oneDNN reorders the plain weight itself (module doc)
+            if self.weight.dtype != torch.float32:
+                return nn.functional.linear(x, self.weight, self.bias)
             return packed_linear(x, self.weight, self.bias)
         y = smallm.linear(x, self.packed)
         return y if self.bias is None else y + self.bias
@@ -103,19 +112,29 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
 
 
 def applies(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether prepacking applies: a CPU float32 model and a torch built with oneDNN."""
-    return device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
+    """Whether prepacking applies: a CPU float32 model and a torch built with oneDNN, or a CPU
+    bfloat16 model where linears run lab's kernel (plan)."""
+    if device.type != "cpu":
+        return False
+    if dtype == torch.bfloat16:
+        return plan().kernel
+    return dtype == torch.float32 and torch.backends.mkldnn.is_available()
 
 
 def prepack(model: nn.Module, min_rows: int = MIN_ROWS, kernel: bool = False) -> int:
     """Replace every nn.Linear of a CPU fp32 model in place, packed from min_rows rows on (for
     lab's kernel where kernel is set; plan() gives both for this CPU); the number replaced."""
     weight = next(model.parameters())
-    if not applies(weight.device, weight.dtype):
-        raise ValueError("prepacked linears need a float32 model on the CPU and oneDNN (mkldnn)")
+    if not applies(weight.device, weight.dtype) or (weight.dtype != torch.float32 and not kernel):
+        raise ValueError(
+            "prepacked linears need a float32 model on the CPU and oneDNN (mkldnn), "
+            "or a bfloat16 one on lab's kernel (AVX2 + FMA, off Intel)"
+        )
     if is_prepacked(model):
         raise ValueError("the model's linears are prepacked already")
     targets = plain_children(model, nn.Linear)
+    if weight.dtype != torch.float32:  # no oneDNN copy for the shapes the kernel cannot take
+        targets = [t for t in targets if smallm.applies(t[2])]
     for parent, name, child in targets:
         setattr(parent, name, PrepackedLinear(child, min_rows, kernel))
     return len(targets)

@@ -4,30 +4,47 @@
 // needed. Each output is one fp32 FMA chain over k in order, whatever the number of rows: a
 // 1-row decode and a K+1-row verification round alike (batch-invariant), which keeps greedy
 // speculation bit-exact against the greedy baseline on this path. AVX2 + FMA (8-float vectors).
+// bf16 models: the same layout holds bf16 weights (half the bytes to stream), widened to fp32 in
+// registers (a bf16 is the top half of an fp32); x is widened before and y rounded to bf16 after,
+// so the FMA chain and its batch invariance are the fp32 path's. Plain AVX2: no bf16 units needed.
+// Built with AVX512-BF16 (smallm.py passes the flags where the CPU has them), bf16 weights of an
+// even K are packed in pairs instead, [N / 16][K / 2][16][2], and one vdpbf16ps multiplies two
+// k of 16 channels by a row's bf16 pair: a quarter of the AVX2 path's instructions, which is what
+// a verification step of several rows is bound by once the weights are half the bytes.
+// Each output is again a fixed sequence per row (two chains, even and odd pairs), batch-invariant.
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+
+#include <cstring>
 #include <torch/extension.h>
 
 namespace {
 
 constexpr int64_t R = 16;        // output channels per packed block
 constexpr int64_t VEC = 8;       // floats per vector
-constexpr int64_t AHEAD = 2048;  // prefetch distance in floats (8 KiB ahead in the stream)
+constexpr int64_t AHEAD = 8192;  // prefetch distance in bytes ahead in the stream
 
 typedef float vf __attribute__((vector_size(32)));
 typedef float vfu __attribute__((vector_size(32), aligned(4)));
 
+// 8 weights from p as fp32: float as is; bf16 (its bits as uint16) shifted into the top half.
+inline vf load8(const float* p) { return *reinterpret_cast<const vf*>(p); }
+inline vf load8(const uint16_t* p) {
+  __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return reinterpret_cast<vf>(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+
 // M rows x V vectors of one block, from vector `first` of its 16 channels.
-template <int M, int V>
-void tile(const float* x, int64_t K, const float* block, int first, float* y, int64_t N) {
+template <int M, int V, typename W>
+void tile(const float* x, int64_t K, const W* block, int first, float* y, int64_t N) {
   vf acc[V][M];
   for (int v = 0; v < V; ++v)
     for (int m = 0; m < M; ++m) acc[v][m] = vf{};
   for (int64_t k = 0; k < K; ++k) {
-    const float* p = block + k * R + first * VEC;
-    _mm_prefetch(reinterpret_cast<const char*>(p + AHEAD), _MM_HINT_T0);
+    const W* p = block + k * R + first * VEC;
+    _mm_prefetch(reinterpret_cast<const char*>(p) + AHEAD, _MM_HINT_T0);
     vf w[V];
-    for (int v = 0; v < V; ++v) w[v] = *reinterpret_cast<const vf*>(p + v * VEC);
+    for (int v = 0; v < V; ++v) w[v] = load8(p + v * VEC);
     for (int m = 0; m < M; ++m) {
       vf xb = vf{} + x[m * K + k];
       for (int v = 0; v < V; ++v) acc[v][m] += w[v] * xb;
@@ -39,7 +56,8 @@ void tile(const float* x, int64_t K, const float* block, int first, float* y, in
 
 // Up to 6 rows at a time (12 accumulators of 16 registers), each group over the whole block: the
 // first group streams it from memory, later ones find it in L2.
-void block(const float* x, int64_t M, int64_t K, const float* w, float* y, int64_t N) {
+template <typename W>
+void block(const float* x, int64_t M, int64_t K, const W* w, float* y, int64_t N) {
   for (int64_t m0 = 0; m0 < M; m0 += 6) {
     const float* xs = x + m0 * K;
     float* ys = y + m0 * N;
@@ -51,33 +69,113 @@ void block(const float* x, int64_t M, int64_t K, const float* w, float* y, int64
   }
 }
 
+#ifdef __AVX512BF16__
+constexpr int64_t DP_ROWS = 12;  // rows per group: 2 x 12 accumulators + the weight register
+
+// M rows of one block in the pair layout; x and w are bf16 bits. Two accumulators per row (even
+// and odd pairs) so one row does not wait on a single chain's latency.
+template <int M>
+inline void step_dp(__m512* acc, const uint16_t* x, int64_t K, const uint16_t* block, int64_t j) {
+  const uint16_t* p = block + j * 2 * R;
+  _mm_prefetch(reinterpret_cast<const char*>(p) + AHEAD, _MM_HINT_T0);
+  __m512bh w = (__m512bh)_mm512_loadu_si512(p);
+  for (int m = 0; m < M; ++m) {
+    int32_t pair;
+    std::memcpy(&pair, x + m * K + 2 * j, sizeof pair);
+    acc[m] = _mm512_dpbf16_ps(acc[m], w, (__m512bh)_mm512_set1_epi32(pair));
+  }
+}
+
+template <int M>
+void tile_dp(const uint16_t* x, int64_t K, const uint16_t* block, float* y, int64_t N) {
+  __m512 even[M], odd[M];
+  for (int m = 0; m < M; ++m) even[m] = odd[m] = _mm512_setzero_ps();
+  int64_t J = K / 2, j = 0;
+  for (; j + 1 < J; j += 2) {
+    step_dp<M>(even, x, K, block, j);
+    step_dp<M>(odd, x, K, block, j + 1);
+  }
+  if (j < J) step_dp<M>(even, x, K, block, j);
+  for (int m = 0; m < M; ++m) _mm512_storeu_ps(y + m * N, _mm512_add_ps(even[m], odd[m]));
+}
+
+void block_dp(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, float* y, int64_t N) {
+  for (int64_t m0 = 0; m0 < M; m0 += DP_ROWS) {
+    switch (std::min<int64_t>(DP_ROWS, M - m0)) {
+#define C(m) case m: tile_dp<m>(x + m0 * K, K, w, y + m0 * N, N); break;
+      C(1) C(2) C(3) C(4) C(5) C(6) C(7) C(8) C(9) C(10) C(11) C(12)
+#undef C
+    }
+  }
+}
+#endif
+
+// Whether a weight of this dtype and K is packed in pairs for block_dp.
+bool pairs(torch::ScalarType t, int64_t K) {
+#ifdef __AVX512BF16__
+  return t == torch::kBFloat16 && K % 2 == 0;
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
+bool supported(torch::ScalarType t) { return t == torch::kFloat || t == torch::kBFloat16; }
+
 torch::Tensor pack(torch::Tensor w) {
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kFloat, "pack: a 2-D float32 weight");
+  TORCH_CHECK(w.dim() == 2 && supported(w.scalar_type()),
+              "pack: a 2-D float32 or bfloat16 weight");
   int64_t N = w.size(0), K = w.size(1);
   TORCH_CHECK(N % R == 0, "pack: output channels not a multiple of 16");
+  if (pairs(w.scalar_type(), K))  // (N / 16, K / 2, 32): [b][j][r][2] = W[16 b + r][2 j + i]
+    return w.reshape({N / R, R, K / 2, 2}).permute({0, 2, 1, 3}).reshape({N / R, K / 2, 2 * R});
   return w.view({N / R, R, K}).transpose(1, 2).contiguous();
 }
 
 torch::Tensor linear(torch::Tensor x, torch::Tensor packed) {
-  TORCH_CHECK(x.scalar_type() == torch::kFloat && packed.scalar_type() == torch::kFloat,
-              "linear: float32 input and packed weight");
+  auto dtype = packed.scalar_type();
+  TORCH_CHECK(supported(dtype) && x.scalar_type() == dtype,
+              "linear: input and packed weight both float32 or both bfloat16");
   int64_t K = x.size(-1);
-  TORCH_CHECK(packed.dim() == 3 && packed.size(1) == K && packed.size(2) == R,
+  bool dp = pairs(dtype, K);
+  TORCH_CHECK(packed.dim() == 3 && packed.size(1) == (dp ? K / 2 : K) &&
+                  packed.size(2) == (dp ? 2 * R : R),
               "linear: packed weight does not match the input's features");
-  auto rows = x.reshape({-1, K}).contiguous();
-  int64_t M = rows.size(0), N = packed.size(0) * R;
-  auto y = torch::empty({M, N}, x.options());
+  int64_t N = packed.size(0) * R;
+#ifdef __AVX512BF16__
+  if (dp) {
+    auto rows = x.reshape({-1, K}).contiguous();
+    int64_t M = rows.size(0);
+    auto y = torch::empty({M, N}, rows.options().dtype(torch::kFloat));
+    auto xp = reinterpret_cast<const uint16_t*>(rows.data_ptr<at::BFloat16>());
+    auto wp = reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>());
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, N / R, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) block_dp(xp, M, K, wp + b * R * K, yp + b * R, N);
+    });
+    auto shape = x.sizes().vec();
+    shape.back() = N;
+    return y.to(dtype).view(shape);
+  }
+#endif
+  auto rows = x.reshape({-1, K}).to(torch::kFloat).contiguous();  // bf16: widened once, M x K
+  int64_t M = rows.size(0);
+  auto y = torch::empty({M, N}, rows.options());
   const float* xp = rows.data_ptr<float>();
-  const float* wp = packed.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N / R, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) block(xp, M, K, wp + b * R * K, yp + b * R, N);
-  });
+  auto run = [&](auto* wp) {
+    at::parallel_for(0, N / R, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) block(xp, M, K, wp + b * R * K, yp + b * R, N);
+    });
+  };
+  if (dtype == torch::kFloat)
+    run(packed.data_ptr<float>());
+  else
+    run(reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>()));
   auto shape = x.sizes().vec();
   shape.back() = N;
-  return y.view(shape);
+  return y.to(dtype).view(shape);  // bf16: rounded to nearest even, as torch rounds
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

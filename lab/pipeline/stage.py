@@ -42,7 +42,10 @@ def prepacked(params: P.Params) -> bool:
     device = models.resolve_device(params.models.device)
     applies = prepack.applies(device, models.resolve_dtype(device, params.models.dtype))
     if params.models.prepack and not applies:
-        raise ValueError("models.prepack: true needs a CPU float32 run (set models.prepack: null)")
+        raise ValueError(
+            "models.prepack: true needs a CPU float32 run, or bfloat16 where lab's "
+            "kernel runs (set models.prepack: null)"
+        )
     if params.models.prepack and _all(params):
         raise ValueError("models.int8: all replaces prepacked linears: set models.prepack: null")
     if _all(params):
