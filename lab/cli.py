@@ -612,11 +612,11 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         raise ValueError("--int8 draft quantizes the draft model: give --draft (or --int8 all)")
     target, draft = _load_pair(args)
     if args.int8:
-        from lab.engine import quantize
+        from lab.engine import prepack, quantize
 
         for lm in (target, draft) if args.int8 == "all" else (draft,):
             if lm is not None:
-                quantize.quantize(lm.model)
+                quantize.quantize(lm.model, prepack.plan().kernel)
     method = (
         Method("draft_model", args.policy, args.k, args.controller, options) if draft else Method()
     )

@@ -11,12 +11,12 @@ import torch
 import yaml
 from torch import nn
 
-from lab import cli, models
+from lab import cli, machine, models
 from lab.bench import engine as bench_engine
 from lab.bench.roofline import weight_bytes_per_token
 from lab.drafting import heads
 from lab.drafting.draft_model import DraftModel
-from lab.engine import loop, prepack, quantize
+from lab.engine import loop, prepack, quantize, smallm
 from lab.engine.controllers import FixedK
 from lab.engine.loop import Speculation
 from lab.engine.model import LoadedModel
@@ -68,6 +68,52 @@ def test_short_steps_multiply_the_dequantized_weight(rows):
     torch.testing.assert_close(out, expected.detach(), rtol=2e-2, atol=2e-2)
     # And it is not the float weight's answer: the int8 path really ran.
     assert not torch.equal(out, linear(x))
+
+
+needs_kernel = pytest.mark.skipif(
+    not smallm.cpu_supports(machine.cpu_flags()), reason="needs a CPU with AVX2 + FMA"
+)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 5, 13, smallm.MAX_ROWS])
+def test_kernel_multiplies_the_dequantized_weight_in_fp32(rows, dtype):
+    gen = torch.Generator().manual_seed(rows)
+    linear = nn.Linear(96, 48).to(dtype)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(48, 96, generator=gen))
+    int8 = quantize.Int8Linear(linear, kernel=True)
+    assert int8.kernel and int8.scales.dtype == torch.float32
+    x = torch.randn(1, rows, 96, generator=gen).to(dtype)
+    q, scales = quantize.quantize_weight(linear.weight)
+    # Unlike torch's int8 kernel, x is not rounded to bf16: fp32 x times the dequantized weight.
+    exact = x.double() @ (q.double() * scales.double()[:, None]).T + linear.bias.double()
+    out = int8(x)
+    assert out.shape == (1, rows, 48) and out.dtype == dtype
+    tolerance = 1e-5 if dtype == torch.float32 else 2**-7  # bf16: one rounding of the output
+    assert ((out.double() - exact).abs() / exact.abs().max()).max().item() < tolerance
+    assert ops(int8, x) == set()  # no torch matmul: the kernel ran
+    # One accumulation order per row: a decode row equals the same row inside a verify step.
+    assert torch.equal(int8(x[:, :1]), out[:, :1])
+
+
+@needs_kernel
+def test_greedy_speculation_with_a_kernel_int8_draft_equals_the_target(qwen2, prompt_ids):
+    draft = models.load("tiny-random-llama-draft", device="cpu", dtype="float32")
+    assert quantize.quantize(draft.model, kernel=True) > 0 and quantize.runs_kernel(draft.model)
+    expected = loop.generate(qwen2, prompt_ids, N).token_ids
+    for k in (1, 4):
+        spec = Speculation(DraftModel(draft), get_policy("exact"), FixedK(k))
+        assert loop.generate(qwen2, prompt_ids, N, speculation=spec).token_ids == expected
+
+
+def ops(layer: nn.Module, x: torch.Tensor) -> set[str]:
+    """The matmul operators torch's profiler sees when layer runs on x."""
+    with torch.profiler.profile() as prof:
+        layer(x)
+    matmuls = ("aten::_weight_int8pack_mm", "aten::linear", "aten::addmm", "aten::mm")
+    return {e.name for e in prof.events()} & set(matmuls)
 
 
 def test_long_steps_keep_the_float_weight():
@@ -145,6 +191,14 @@ def test_report_names_int8_linears():
     assert list(with_linears(pd.DataFrame(flags))["linears"]) == [
         "int8", "prepacked", "fused", "plain"
     ]  # fmt: skip
+    on_kernel = pd.DataFrame({"int8": [True, True], "int8_kernel": [True, False]})
+    assert list(with_linears(on_kernel)["linears"]) == ["int8 kernel", "int8"]
+    entry = {"model": "m", "dtype": "bfloat16", "engine": "dynamic", "int8": True}
+    assert (
+        bench_engine.file_name(entry | {"int8_kernel": True})
+        == "m-bfloat16-dynamic-int8-kernel.json"
+    )
+    assert bench_engine.file_name(entry) == "m-bfloat16-dynamic-int8.json"
 
 
 def _params(**models_update: object) -> P.Params:

@@ -80,7 +80,7 @@ def test_bad_shapes_are_refused():
         smallm.pack(torch.ones(20, 8))
     with pytest.raises(RuntimeError, match="does not match"):
         smallm.linear(torch.ones(1, 9), smallm.pack(torch.ones(16, 8)))
-    with pytest.raises(RuntimeError, match="float32 or bfloat16 weight"):
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or int8 weight"):
         smallm.pack(torch.ones(16, 8, dtype=torch.float16))
     with pytest.raises(RuntimeError, match="both float32 or both bfloat16"):
         smallm.linear(torch.ones(1, 8), smallm.pack(torch.ones(16, 8, dtype=torch.bfloat16)))

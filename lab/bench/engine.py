@@ -308,7 +308,8 @@ def bench_engine(
         int8 = quantize.is_quantized(lm.model)
         entries.append(entry | {"role": role, "compile_s": compile_s, "draft": None, "c": None,
                                 "fused": fused, "prepacked": packed, "prepack_min_rows": rows,
-                                "prepack_kernel": kernel, "int8": int8})  # fmt: skip
+                                "prepack_kernel": kernel, "int8": int8,
+                                "int8_kernel": quantize.runs_kernel(lm.model)})  # fmt: skip
     if draft is not None:
         # c: the draft's cost per proposed token over the target's decode step (DESIGN.md).
         entries[0] |= {"draft": draft.name, "c": steps[1] / steps[0]}
@@ -347,7 +348,7 @@ def run(
             if model is not None:
                 set_attention(model, settings.attention)
                 if settings.quantize:
-                    quantize.quantize(model.model)
+                    quantize.quantize(model.model, plan.kernel)
         for packed in _prepack_variants(lm, settings.prepack):
             for model in [m for m in (lm, small) if m is not None] if packed else []:
                 prepack.prepack(model.model, *plan)
@@ -390,10 +391,10 @@ def packing(entry: dict[str, Any]) -> str:
 
 
 def file_name(entry: dict[str, Any]) -> str:
-    """<model>-<dtype>-<engine>[-<packing>][-int8].json, the model's '/' made safe."""
+    """<model>-<dtype>-<engine>[-<packing>][-int8[-kernel]].json, the model's '/' made safe."""
     model = re.sub(r"[^A-Za-z0-9._-]+", "_", entry["model"])
     packed = f"-{packing(entry)}" if packing(entry) else ""
-    int8 = "-int8" if entry.get("int8") else ""
+    int8 = ("-int8-kernel" if entry.get("int8_kernel") else "-int8") if entry.get("int8") else ""
     return f"{model}-{entry['dtype']}-{entry['engine']}{packed}{int8}.json"
 
 

@@ -10,6 +10,11 @@ on the EPYC: 1 row 1.0 ms, 16 rows 5.7, 64 rows 25 against fp32's 18), so longer
 keep using the original float weight, as prepacked linears keep it for short ones: the model holds
 both, 1.25x its fp32 weight memory. Quantizing changes the model's outputs (measure perplexity
 beside speed); the model's dtype and every other op stay as they were.
+
+Where linears run lab's small-M kernel (prepack.plan().kernel), the int8 copy runs on it instead
+(kernel=True: same int8 weights and scales, fp32 accumulation, up to smallm.MAX_ROWS rows): on an
+AMD EPYC with AVX512-BF16, torch's int8 kernel on bf16 activations had made the 0.5B draft slower
+(c 0.50) than lab's bf16 kernel did (c 0.38).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lab.engine import smallm
 from lab.engine.prepack import is_prepacked, plain_children
 
 # Up to this many rows the int8 kernel beats the float matmul (see the module doc).
@@ -34,19 +40,26 @@ class Int8Linear(nn.Linear):
     """An nn.Linear (same float weight, kept for long steps) that multiplies up to MAX_ROWS rows
     with its int8 copy; a subclass, so code that looks for the LM head's nn.Linear finds it."""
 
-    qweight: torch.Tensor  # (out, in) int8
-    scales: torch.Tensor  # (out,) bf16, the kernel's dtype
+    qweight: torch.Tensor  # (out, in) int8; with kernel, in lab's kernel's layout (smallm.pack)
+    scales: torch.Tensor  # (out,) bf16, torch's kernel's dtype; float32 with kernel
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, kernel: bool = False) -> None:
         nn.Module.__init__(self)  # nn.Linear's own __init__ would allocate a second weight
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
+        self.kernel = kernel and smallm.applies(linear)  # other shapes: torch's int8 kernel
         q, scales = quantize_weight(linear.weight)
+        if self.kernel:
+            q = smallm.pack(q)
         self.register_buffer("qweight", q, persistent=False)
-        self.register_buffer("scales", scales.to(torch.bfloat16), persistent=False)
+        scale_dtype = torch.float32 if self.kernel else torch.bfloat16
+        self.register_buffer("scales", scales.to(scale_dtype), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
+        if self.kernel and rows <= smallm.MAX_ROWS:
+            y = smallm.linear_int8(x, self.qweight, self.scales)
+            return y if self.bias is None else y + self.bias
         if rows > MAX_ROWS:
             return nn.functional.linear(x, self.weight, self.bias)
         flat = x.reshape(rows, self.in_features).to(torch.bfloat16)  # (rows, in)
@@ -61,8 +74,9 @@ def applies(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
 
 
-def quantize(model: nn.Module) -> int:
-    """Replace every plain nn.Linear of a CPU model in place; the number replaced."""
+def quantize(model: nn.Module, kernel: bool = False) -> int:
+    """Replace every plain nn.Linear of a CPU model in place, on lab's kernel where kernel is set
+    (prepack.plan().kernel gives it for this CPU); the number replaced."""
     weight = next(model.parameters())
     if not applies(weight.device, weight.dtype):
         raise ValueError(f"int8 linears need a float32 or bfloat16 model on the CPU, not "
@@ -73,8 +87,13 @@ def quantize(model: nn.Module) -> int:
         raise ValueError("the model's linears are prepacked: quantize instead, not both")
     targets = plain_children(model, nn.Linear)
     for parent, name, child in targets:
-        setattr(parent, name, Int8Linear(child))
+        setattr(parent, name, Int8Linear(child, kernel))
     return len(targets)
+
+
+def runs_kernel(model: nn.Module) -> bool:
+    """Whether any int8 linear of the model runs on lab's small-M kernel."""
+    return any(isinstance(m, Int8Linear) and m.kernel for m in model.modules())
 
 
 def is_quantized(model: nn.Module) -> bool:

@@ -33,6 +33,11 @@ inline vf load8(const uint16_t* p) {
   __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return reinterpret_cast<vf>(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
 }
+// int8 weights (lab.engine.quantize): widened to fp32; the per-channel scale is applied to y after.
+inline vf load8(const int8_t* p) {
+  __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return reinterpret_cast<vf>(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw)));
+}
 
 // M rows x V vectors of one block, from vector `first` of its 16 channels.
 template <int M, int V, typename W>
@@ -110,6 +115,41 @@ void block_dp(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, float*
 }
 #endif
 
+#ifdef __AVX512F__
+// int8 weights with AVX-512: one 16-channel vector per k (widened 16 bytes at a time), two
+// accumulators per row (even and odd k). Per row a fixed order, so batch-invariant too.
+template <int M>
+void tile_i8(const float* x, int64_t K, const int8_t* block, float* y, int64_t N) {
+  __m512 even[M], odd[M];
+  for (int m = 0; m < M; ++m) even[m] = odd[m] = _mm512_setzero_ps();
+  auto step = [&](__m512* acc, int64_t k) {
+    const int8_t* p = block + k * R;
+    _mm_prefetch(reinterpret_cast<const char*>(p) + AHEAD, _MM_HINT_T0);
+    __m512 w = _mm512_cvtepi32_ps(
+        _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+    for (int m = 0; m < M; ++m) acc[m] = _mm512_fmadd_ps(w, _mm512_set1_ps(x[m * K + k]), acc[m]);
+  };
+  int64_t k = 0;
+  for (; k + 1 < K; k += 2) {
+    step(even, k);
+    step(odd, k + 1);
+  }
+  if (k < K) step(even, k);
+  for (int m = 0; m < M; ++m) _mm512_storeu_ps(y + m * N, _mm512_add_ps(even[m], odd[m]));
+}
+
+template <>
+void block<int8_t>(const float* x, int64_t M, int64_t K, const int8_t* w, float* y, int64_t N) {
+  for (int64_t m0 = 0; m0 < M; m0 += 12) {
+    switch (std::min<int64_t>(12, M - m0)) {
+#define C(m) case m: tile_i8<m>(x + m0 * K, K, w, y + m0 * N, N); break;
+      C(1) C(2) C(3) C(4) C(5) C(6) C(7) C(8) C(9) C(10) C(11) C(12)
+#undef C
+    }
+  }
+}
+#endif
+
 // Whether a weight of this dtype and K is packed in pairs for block_dp.
 bool pairs(torch::ScalarType t, int64_t K) {
 #ifdef __AVX512BF16__
@@ -124,8 +164,8 @@ bool pairs(torch::ScalarType t, int64_t K) {
 bool supported(torch::ScalarType t) { return t == torch::kFloat || t == torch::kBFloat16; }
 
 torch::Tensor pack(torch::Tensor w) {
-  TORCH_CHECK(w.dim() == 2 && supported(w.scalar_type()),
-              "pack: a 2-D float32 or bfloat16 weight");
+  TORCH_CHECK(w.dim() == 2 && (supported(w.scalar_type()) || w.scalar_type() == torch::kChar),
+              "pack: a 2-D float32, bfloat16 or int8 weight");
   int64_t N = w.size(0), K = w.size(1);
   TORCH_CHECK(N % R == 0, "pack: output channels not a multiple of 16");
   if (pairs(w.scalar_type(), K))  // (N / 16, K / 2, 32): [b][j][r][2] = W[16 b + r][2 j + i]
@@ -133,10 +173,13 @@ torch::Tensor pack(torch::Tensor w) {
   return w.view({N / R, R, K}).transpose(1, 2).contiguous();
 }
 
+// int8 packed weights: x float32 or bfloat16, y in float32 before the per-channel scale (the
+// caller's, lab.engine.smallm.linear_int8).
 torch::Tensor linear(torch::Tensor x, torch::Tensor packed) {
   auto dtype = packed.scalar_type();
-  TORCH_CHECK(supported(dtype) && x.scalar_type() == dtype,
-              "linear: input and packed weight both float32 or both bfloat16");
+  bool int8 = dtype == torch::kChar;
+  TORCH_CHECK(int8 ? supported(x.scalar_type()) : supported(dtype) && x.scalar_type() == dtype,
+              "linear: input and packed weight both float32 or both bfloat16 (or int8 weight)");
   int64_t K = x.size(-1);
   bool dp = pairs(dtype, K);
   TORCH_CHECK(packed.dim() == 3 && packed.size(1) == (dp ? K / 2 : K) &&
@@ -171,10 +214,13 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed) {
   };
   if (dtype == torch::kFloat)
     run(packed.data_ptr<float>());
+  else if (int8)
+    run(packed.data_ptr<int8_t>());
   else
     run(reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>()));
   auto shape = x.sizes().vec();
   shape.back() = N;
+  if (int8) return y.view(shape);
   return y.to(dtype).view(shape);  // bf16: rounded to nearest even, as torch rounds
 }
 

@@ -77,6 +77,12 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     return extension().pack(weight.detach().contiguous())
 
 
+def linear_int8(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x @ (q * scales)^T in x's dtype for x of up to MAX_ROWS rows, q given as pack(q) (int8)
+    and scales (out,) float32: fp32 accumulation, then the per-channel scale, then one rounding."""
+    return (extension().linear(x, packed) * scales).to(x.dtype)
+
+
 def linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     """x @ W^T for x of up to MAX_ROWS rows (any leading shape), W given as pack(W) in x's dtype."""
     return extension().linear(x, packed)

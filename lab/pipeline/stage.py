@@ -72,7 +72,7 @@ def quantized(params: P.Params) -> bool:
 def _speed_up(params: P.Params, lm: LoadedModel, role: str) -> None:
     """Quantize (models.int8) or prepack (models.prepack) a loaded model's linears in place."""
     if quantized(params) and (_all(params) or role == "draft"):
-        quantize.quantize(lm.model)
+        quantize.quantize(lm.model, prepack.plan().kernel)
     elif prepacked(params):
         prepack.prepack(lm.model, *prepack.plan())
 

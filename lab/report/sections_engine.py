@@ -38,10 +38,12 @@ SHOWN = {
 
 
 def with_linears(frame: pd.DataFrame) -> pd.DataFrame:
-    """The frame with a `linears` column: int8, kernel, prepacked, fused or plain (older files:
-    plain)."""
-    flags = frame.reindex(columns=["int8", "prepack_kernel", "prepacked", "fused"]).eq(True)
-    linears = flags["int8"].map({True: "int8", False: ""})  # absent/NaN flags read False
+    """The frame with a `linears` column: int8 kernel, int8, kernel, prepacked, fused or plain
+    (older files: plain)."""
+    columns = ["int8_kernel", "int8", "prepack_kernel", "prepacked", "fused"]
+    flags = frame.reindex(columns=columns).eq(True)
+    linears = flags["int8_kernel"].map({True: "int8 kernel", False: ""})  # absent/NaN: False
+    linears = linears.where(linears != "", flags["int8"].map({True: "int8", False: ""}))
     linears = linears.where(linears != "", flags["prepack_kernel"].map({True: "kernel", False: ""}))
     linears = linears.where(linears != "", flags["prepacked"].map({True: "prepacked", False: ""}))
     linears = linears.where(linears != "", flags["fused"].map({True: "fused", False: "plain"}))
