@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from lab import cli, models
-from lab.engine import loop, quantize
+from lab.engine import loop, prepack, quantize
 from lab.engine.records import STEP_COLUMNS
 from lab.models import packaged
 from lab.pipeline import loadtest
@@ -443,7 +443,7 @@ def test_load_benchmark_against_llama_cpp() -> None:
 def test_int8_server_decodes_the_int8_loop_and_exits_on_sigterm() -> None:
     # `lab serve` generates on its main thread, HTTP on another: the signal must still stop both.
     lm = models.load("tiny-random-qwen2", device="cpu", dtype="float32")
-    quantize.quantize(lm.model)
+    quantize.quantize(lm.model, prepack.plan().kernel)  # as `lab serve --int8` quantizes here
     prompt = "def fibonacci(n):"
     with server.launched([*SERVE_ARGS, "--int8", "all"]) as served:
         streamed = complete(served.url, Request(prompt, chat=False, max_tokens=24))
