@@ -16,6 +16,7 @@
 #include <immintrin.h>
 
 #include <cstring>
+#include <type_traits>
 #include <torch/extension.h>
 
 namespace {
@@ -74,83 +75,75 @@ void block(const float* x, int64_t M, int64_t K, const W* w, float* y, int64_t N
   }
 }
 
-#ifdef __AVX512BF16__
-constexpr int64_t DP_ROWS = 12;  // rows per group: 2 x 12 accumulators + the weight register
+#ifdef __AVX512F__
+constexpr int64_t WIDE_ROWS = 12;  // rows per group: 2 x 12 accumulators + the weight register
 
-// M rows of one block in the pair layout; x and w are bf16 bits. Two accumulators per row (even
-// and odd pairs) so one row does not wait on a single chain's latency.
-template <int M>
-inline void step_dp(__m512* acc, const uint16_t* x, int64_t K, const uint16_t* block, int64_t j) {
-  const uint16_t* p = block + j * 2 * R;
-  _mm_prefetch(reinterpret_cast<const char*>(p) + AHEAD, _MM_HINT_T0);
-  __m512bh w = (__m512bh)_mm512_loadu_si512(p);
-  for (int m = 0; m < M; ++m) {
-    int32_t pair;
-    std::memcpy(&pair, x + m * K + 2 * j, sizeof pair);
-    acc[m] = _mm512_dpbf16_ps(acc[m], w, (__m512bh)_mm512_set1_epi32(pair));
-  }
-}
-
-template <int M>
-void tile_dp(const uint16_t* x, int64_t K, const uint16_t* block, float* y, int64_t N) {
+// M rows of one block with 16-channel vectors: step(acc, j) adds step j of the block to each
+// row's accumulator. Two accumulators per row (even and odd steps) so one row does not wait on a
+// single chain's latency; per row a fixed order, so batch-invariant too.
+template <int M, typename Step>
+void two_chains(int64_t steps, float* y, int64_t N, Step step) {
   __m512 even[M], odd[M];
   for (int m = 0; m < M; ++m) even[m] = odd[m] = _mm512_setzero_ps();
-  int64_t J = K / 2, j = 0;
-  for (; j + 1 < J; j += 2) {
-    step_dp<M>(even, x, K, block, j);
-    step_dp<M>(odd, x, K, block, j + 1);
+  int64_t j = 0;
+  for (; j + 1 < steps; j += 2) {
+    step(even, j);
+    step(odd, j + 1);
   }
-  if (j < J) step_dp<M>(even, x, K, block, j);
+  if (j < steps) step(even, j);
   for (int m = 0; m < M; ++m) _mm512_storeu_ps(y + m * N, _mm512_add_ps(even[m], odd[m]));
 }
 
-void block_dp(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, float* y, int64_t N) {
-  for (int64_t m0 = 0; m0 < M; m0 += DP_ROWS) {
-    switch (std::min<int64_t>(DP_ROWS, M - m0)) {
-#define C(m) case m: tile_dp<m>(x + m0 * K, K, w, y + m0 * N, N); break;
+// tile(m0, rows) for each group of up to WIDE_ROWS rows, rows a compile-time constant.
+template <typename Tile>
+void wide_groups(int64_t M, Tile tile) {
+  for (int64_t m0 = 0; m0 < M; m0 += WIDE_ROWS) {
+    switch (std::min<int64_t>(WIDE_ROWS, M - m0)) {
+#define C(m) case m: tile(m0, std::integral_constant<int, m>{}); break;
       C(1) C(2) C(3) C(4) C(5) C(6) C(7) C(8) C(9) C(10) C(11) C(12)
 #undef C
     }
   }
 }
-#endif
 
-#ifdef __AVX512F__
-// int8 weights with AVX-512: one 16-channel vector per k (widened 16 bytes at a time), two
-// accumulators per row (even and odd k). Per row a fixed order, so batch-invariant too.
-template <int M>
-void tile_i8(const float* x, int64_t K, const int8_t* block, float* y, int64_t N) {
-  __m512 even[M], odd[M];
-  for (int m = 0; m < M; ++m) even[m] = odd[m] = _mm512_setzero_ps();
-  auto step = [&](__m512* acc, int64_t k) {
-    const int8_t* p = block + k * R;
-    _mm_prefetch(reinterpret_cast<const char*>(p) + AHEAD, _MM_HINT_T0);
-    __m512 w = _mm512_cvtepi32_ps(
-        _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-    for (int m = 0; m < M; ++m) acc[m] = _mm512_fmadd_ps(w, _mm512_set1_ps(x[m * K + k]), acc[m]);
-  };
-  int64_t k = 0;
-  for (; k + 1 < K; k += 2) {
-    step(even, k);
-    step(odd, k + 1);
-  }
-  if (k < K) step(even, k);
-  for (int m = 0; m < M; ++m) _mm512_storeu_ps(y + m * N, _mm512_add_ps(even[m], odd[m]));
-}
-
+// int8 weights with AVX-512: one 16-channel vector per k, widened 16 bytes at a time.
 template <>
 void block<int8_t>(const float* x, int64_t M, int64_t K, const int8_t* w, float* y, int64_t N) {
-  for (int64_t m0 = 0; m0 < M; m0 += 12) {
-    switch (std::min<int64_t>(12, M - m0)) {
-#define C(m) case m: tile_i8<m>(x + m0 * K, K, w, y + m0 * N, N); break;
-      C(1) C(2) C(3) C(4) C(5) C(6) C(7) C(8) C(9) C(10) C(11) C(12)
-#undef C
-    }
-  }
+  wide_groups(M, [&](int64_t m0, auto rows) {
+    constexpr int G = decltype(rows)::value;
+    const float* xs = x + m0 * K;
+    two_chains<G>(K, y + m0 * N, N, [&](__m512* acc, int64_t k) {
+      const int8_t* p = w + k * R;
+      _mm_prefetch(reinterpret_cast<const char*>(p) + AHEAD, _MM_HINT_T0);
+      __m512 wk = _mm512_cvtepi32_ps(
+          _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+      for (int m = 0; m < G; ++m) acc[m] = _mm512_fmadd_ps(wk, _mm512_set1_ps(xs[m * K + k]), acc[m]);
+    });
+  });
 }
 #endif
 
-// Whether a weight of this dtype and K is packed in pairs for block_dp.
+#ifdef __AVX512BF16__
+// bf16 x (its bits) against bf16 weights in the pair layout: one vdpbf16ps per k-pair and row.
+void block(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, float* y, int64_t N) {
+  wide_groups(M, [&](int64_t m0, auto rows) {
+    constexpr int G = decltype(rows)::value;
+    const uint16_t* xs = x + m0 * K;
+    two_chains<G>(K / 2, y + m0 * N, N, [&](__m512* acc, int64_t j) {
+      const uint16_t* p = w + j * 2 * R;
+      _mm_prefetch(reinterpret_cast<const char*>(p) + AHEAD, _MM_HINT_T0);
+      __m512bh wj = (__m512bh)_mm512_loadu_si512(p);
+      for (int m = 0; m < G; ++m) {
+        int32_t pair;
+        std::memcpy(&pair, xs + m * K + 2 * j, sizeof pair);
+        acc[m] = _mm512_dpbf16_ps(acc[m], wj, (__m512bh)_mm512_set1_epi32(pair));
+      }
+    });
+  });
+}
+#endif
+
+// Whether a weight of this dtype and K is packed in pairs for the bf16-x block.
 bool pairs(torch::ScalarType t, int64_t K) {
 #ifdef __AVX512BF16__
   return t == torch::kBFloat16 && K % 2 == 0;
@@ -186,38 +179,30 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed) {
                   packed.size(2) == (dp ? 2 * R : R),
               "linear: packed weight does not match the input's features");
   int64_t N = packed.size(0) * R;
-#ifdef __AVX512BF16__
-  if (dp) {
-    auto rows = x.reshape({-1, K}).contiguous();
-    int64_t M = rows.size(0);
-    auto y = torch::empty({M, N}, rows.options().dtype(torch::kFloat));
-    auto xp = reinterpret_cast<const uint16_t*>(rows.data_ptr<at::BFloat16>());
-    auto wp = reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>());
-    float* yp = y.data_ptr<float>();
-    at::parallel_for(0, N / R, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) block_dp(xp, M, K, wp + b * R * K, yp + b * R, N);
-    });
-    auto shape = x.sizes().vec();
-    shape.back() = N;
-    return y.to(dtype).view(shape);
-  }
-#endif
-  auto rows = x.reshape({-1, K}).to(torch::kFloat).contiguous();  // bf16: widened once, M x K
+  // The pair layout reads x as bf16; every other path widens it to fp32 once (M x K).
+  auto rows = (dp ? x : x.to(torch::kFloat)).reshape({-1, K}).contiguous();
   int64_t M = rows.size(0);
-  auto y = torch::empty({M, N}, rows.options());
-  const float* xp = rows.data_ptr<float>();
+  auto y = torch::empty({M, N}, rows.options().dtype(torch::kFloat));
   float* yp = y.data_ptr<float>();
-  auto run = [&](auto* wp) {
+  auto run = [&](const auto* xp, const auto* wp) {
     at::parallel_for(0, N / R, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) block(xp, M, K, wp + b * R * K, yp + b * R, N);
     });
   };
-  if (dtype == torch::kFloat)
-    run(packed.data_ptr<float>());
-  else if (int8)
-    run(packed.data_ptr<int8_t>());
-  else
-    run(reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>()));
+  auto bits = [](const torch::Tensor& t) {
+    return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());
+  };
+  if (dp) {
+#ifdef __AVX512BF16__  // pairs() is false without it
+    run(bits(rows), bits(packed));
+#endif
+  } else if (dtype == torch::kFloat) {
+    run(rows.data_ptr<float>(), packed.data_ptr<float>());
+  } else if (int8) {
+    run(rows.data_ptr<float>(), packed.data_ptr<int8_t>());
+  } else {
+    run(rows.data_ptr<float>(), bits(packed));
+  }
   auto shape = x.sizes().vec();
   shape.back() = N;
   if (int8) return y.view(shape);

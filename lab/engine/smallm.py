@@ -51,9 +51,9 @@ def extension() -> ModuleType:
     bin_dir = str(Path(sys.executable).parent)
     if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
-    flags = ["-O3", "-mavx2", "-mfma", "-fopenmp", *bf16_flags(machine.cpu_flags())]
-    # OpenMP: at::parallel_for's thread pool. The name differs by build: torch caches by name.
-    name = "lab_smallm_bf16" if bf16_flags(machine.cpu_flags()) else "lab_smallm"
+    wide = bf16_flags(machine.cpu_flags())
+    flags = ["-O3", "-mavx2", "-mfma", "-fopenmp", *wide]  # OpenMP: at::parallel_for's pool
+    name = "lab_smallm_bf16" if wide else "lab_smallm"  # differs by build: torch caches by name
     return load(name, [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"])
 
 
