@@ -3,10 +3,7 @@
 median step fp32 211 ms, bf16 116 ms. Run: python experiments/kernels/bf16_ab.py
 """
 
-import statistics
-import time
-
-import torch
+from steps import alternating_step_ms, medians
 
 from lab import models
 from lab.engine import caches, prepack
@@ -16,21 +13,9 @@ engines = {}
 for dt in ("float32", "bfloat16"):
     lm = models.load("qwen2.5-coder-1.5b-instruct", device="cpu", dtype=dt)
     prepack.prepack(lm.model, *prepack.plan())
-    engines[dt] = (lm, caches.DynamicEngine(lm))
-tok = torch.tensor([[ids[-1]]])
-times = {dt: [] for dt in engines}
-for r in range(8):
-    order = list(engines) if r % 2 == 0 else list(reversed(engines))
-    for dt in order:
-        lm, eng = engines[dt]
-        eng.start(ids)
-        eng.forward(tok, 1)
-        t = time.perf_counter()
-        for _ in range(8):
-            eng.forward(tok, 1)
-        times[dt].append((time.perf_counter() - t) / 8 * 1e3)
-for dt, ts in times.items():
-    print(dt, "median step ms", round(statistics.median(ts), 1), [round(t) for t in ts])
+    engines[dt] = caches.DynamicEngine(lm)
+times = alternating_step_ms(engines, ids, rounds=8)
+print("median step ms", medians(times), {dt: [round(t) for t in ts] for dt, ts in times.items()})
 print(
     "fp32/bf16 step ratio per round",
     [round(a / b, 2) for a, b in zip(times["float32"], times["bfloat16"], strict=True)],
